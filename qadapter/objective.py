@@ -135,6 +135,7 @@ def preference_loss(
 
 def reference_compat_loss(
     q_taken: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, beta: float,
+    padded_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The authors' training objective, quirks included (``reference_compat=True``).
 
@@ -147,15 +148,18 @@ def reference_compat_loss(
         mask:    (2B, T-1) True where the token x_t itself is a response token: shifted by one from
                  the action mask, so the first response token is never scored and the padding
                  token after a shorter response is (difference 2).
+        padded_length: T; defaults to the width of the tensors + 1. Pass it when the tensors cover
+                 only the response columns of a differently laid-out batch.
     Differences 3 and the χ² mean: both returns are divided by T − 1, and the χ² term averages r²
     over every masked token of the micro-batch rather than per pair.
     """
+    divisor = (padded_length - 1) if padded_length is not None else q_taken.shape[1]
     mask = mask.bool()
     rewards = torch.where(mask, q_taken - gamma * values, torch.zeros_like(q_taken))
     returns = rewards.sum(-1)
     half = returns.shape[0] // 2
     ret_c, ret_r = returns[:half], returns[half:]
-    pref_loss = -F.logsigmoid((ret_c - ret_r) / q_taken.shape[1]).mean()
+    pref_loss = -F.logsigmoid((ret_c - ret_r) / divisor).mean()
     chi2_loss = beta * rewards.pow(2).sum() / mask.sum().clamp(min=1)
     return {"loss": pref_loss + chi2_loss, "pref_loss": pref_loss, "chi2_loss": chi2_loss,
             "reward_chosen": ret_c, "reward_rejected": ret_r}

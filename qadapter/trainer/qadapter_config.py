@@ -1,0 +1,54 @@
+"""Configuration of :class:`~qadapter.trainer.QAdapterTrainer`: ``TrainingArguments`` plus the method's knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..objective import NORMALIZERS
+
+
+@dataclass
+class QAdapterConfig(TrainingArguments):
+    """``transformers.TrainingArguments`` with Q-Adapter's knobs; defaults follow the authors' code.
+
+    Every ``Trainer`` argument works as usual (``output_dir``, ``per_device_train_batch_size``,
+    ``gradient_accumulation_steps``, ``resume_from_checkpoint`` ...). Defaults that differ from
+    ``TrainingArguments``: ``learning_rate=3e-4`` with linear decay and no warm-up,
+    ``remove_unused_columns=False`` (the collator needs the tokenized columns).
+    """
+
+    # --- the objective (docs/method.md, eqs. 1-5)
+    alpha_tilde: float = field(default=1.0, metadata={"help": "α̃: temperature of the customized policy."})
+    alpha_0: float = field(default=0.01, metadata={"help": "α0 = λ·α1: weight of log π1 (retention) in the customized policy."})
+    gamma: float = field(default=1.0, metadata={"help": "γ: discount of the token-level MDP."})
+    beta: float = field(default=0.1, metadata={"help": "β: weight of the χ² regularizer on the implied per-token rewards."})
+    normalizer: str = field(default="longest_sequence", metadata={
+        "help": f"length normalizer n of the Bradley-Terry term: one of {', '.join(NORMALIZERS)}.",
+        "choices": list(NORMALIZERS)})
+    reference_compat: bool = field(default=False, metadata={
+        "help": "Reproduce the authors' objective exactly, quirks included (Q(s_t) paired with V(s_t), the "
+                "response mask shifted by one, returns divided by the padded micro-batch length - 1). "
+                "See docs/method.md."})
+    # --- data
+    max_length: int = field(default=512, metadata={"help": "Max tokens of prompt + response; the prompt is cut from the left."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Optional cap on prompt tokens (cut from the left)."})
+    # --- the adapter (PEFT LoRA)
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={
+        "help": "Comma-separated module names to adapt, or 'all-linear'."})
+    # --- Trainer defaults that differ for this method
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the tokenized columns for the collator."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
+        if self.alpha_tilde <= 0:
+            raise ValueError(f"alpha_tilde must be > 0, got {self.alpha_tilde}")
