@@ -1,0 +1,184 @@
+"""Tokenize normalized preference pairs into shared prompt ids and per-response ids.
+
+Conversational pairs use the tokenizer's chat template: prompt ids are the template of the
+prompt messages with the generation prompt, and a response's ids are what the template of
+prompt + response adds after them, ending at the end-of-turn token (``tokenizer.eos_token_id``).
+Standard (string) pairs follow TRL: ``tokenizer(prompt)`` for the prompt, and
+``tokenizer(response, add_special_tokens=False) + [eos]`` for each response.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+_NOT_PREFIX_WARNING = (
+    "the chat template renders the prompt differently when a response follows it (some "
+    "templates rewrite earlier turns), so the prompt ids are not a prefix of prompt + response. "
+    "The longest common prefix is used as the prompt boundary; the rest of the rendered prompt "
+    "is scored as part of the response."
+)
+_NO_EOS_WARNING = (
+    "the chat template does not end the assistant turn with tokenizer.eos_token, so responses "
+    "carry no end-of-turn token; set tokenizer.eos_token to the template's end-of-turn token."
+)
+
+
+@dataclass
+class TokenizeReport:
+    """Counts from :func:`tokenize_pairs` (nothing is dropped: every pair is kept)."""
+
+    n_pairs: int = 0
+    n_prompt_truncated: int = 0
+    n_response_truncated: int = 0  # pairs where chosen or rejected was cut
+    n_prompt_not_prefix: int = 0
+    n_response_no_eos: int = 0
+    max_length: int = 512
+    max_prompt_length: int | None = None
+
+    def summary(self) -> str:
+        text = (f"tokenized {self.n_pairs} pairs (max_length={self.max_length}, "
+                f"max_prompt_length={self.max_prompt_length}): "
+                f"{self.n_prompt_truncated} prompts cut from the left, "
+                f"{self.n_response_truncated} pairs with a response cut from the right")
+        if self.n_prompt_not_prefix:
+            text += f", {self.n_prompt_not_prefix} prompts not a prefix of the full template"
+        if self.n_response_no_eos:
+            text += f", {self.n_response_no_eos} pairs without an end-of-turn token"
+        return text
+
+
+def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    # transformers 5 returns a BatchEncoding by default, 4.x a plain list: accept both.
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    ids = out["input_ids"] if isinstance(out, Mapping) else out
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _response_message(response) -> dict:
+    if isinstance(response, dict):
+        return response
+    if isinstance(response, list) and len(response) == 1:
+        return response[0]
+    raise ValueError("a conversational response must be one assistant message (or a list "
+                     f"holding one), got {response!r:.80}")
+
+
+def _untruncated_ids(prompt, chosen, rejected, tokenizer, eos: int):
+    """(prompt_ids, chosen_ids, rejected_ids, prompt_not_prefix, response_no_eos)."""
+    if isinstance(prompt, str):
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+        responses = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos]
+                     for r in (chosen, rejected)]
+        return prompt_ids, *responses, False, False
+
+    prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+    fulls = [_template_ids(tokenizer, prompt + [_response_message(r)], add_generation_prompt=False)
+             for r in (chosen, rejected)]
+    # Chosen and rejected must share one prompt: cut both at the shorter common prefix.
+    boundary = min(_common_prefix_len(prompt_ids, full) for full in fulls)
+    not_prefix = boundary < len(prompt_ids)
+    responses, no_eos = [], False
+    for full in fulls:
+        response = full[boundary:]
+        if eos in response:  # drop what follows the end-of-turn token ("\n" in ChatML)
+            response = response[: len(response) - response[::-1].index(eos)]
+        else:
+            no_eos = True
+        responses.append(response)
+    return prompt_ids[:boundary], *responses, not_prefix, no_eos
+
+
+def tokenize_pair(prompt, chosen, rejected, tokenizer, *, max_length: int = 512,
+                  max_prompt_length: int | None = None) -> dict:
+    """Tokenize one normalized pair and truncate it.
+
+    ``prompt`` is a string or a list of messages; ``chosen``/``rejected`` are strings, or one
+    assistant message (a dict, or a one-element list as in normalized rows).
+
+    Truncation keeps the responses and cuts the prompt from the left: first to
+    ``max_prompt_length``; then, when prompt + the longer response exceeds ``max_length``, to
+    ``max(max_length - len(longer response), min(len(prompt), max_length // 4))`` tokens; if
+    still too long, each response is cut from the right to fit ``max_length`` with the prompt.
+
+    Returns a dict with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
+    (response ids only) and booleans ``prompt_truncated``, ``response_truncated``,
+    ``prompt_not_prefix`` and ``response_no_eos``.
+    """
+    if max_length < 2 or (max_prompt_length is not None and max_prompt_length < 1):
+        raise ValueError(f"max_length must be >= 2 and max_prompt_length >= 1, got "
+                         f"{max_length} and {max_prompt_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to the token "
+                         "that ends an assistant turn")
+    p, c, r, not_prefix, no_eos = _untruncated_ids(prompt, chosen, rejected, tokenizer, eos)
+    if not p:
+        raise ValueError("the pair has no prompt tokens; the first response token needs a "
+                         "prompt state to be scored from")
+
+    n_prompt = len(p)
+    if max_prompt_length is not None:
+        p = p[-max_prompt_length:]
+    longer = max(len(c), len(r))
+    if len(p) + longer > max_length:
+        keep = max(max_length - longer, min(len(p), max(1, max_length // 4)))
+        p = p[-keep:]
+    budget = max_length - len(p)
+    response_truncated = longer > budget
+    c, r = c[:budget], r[:budget]
+    if not_prefix:
+        warnings.warn(_NOT_PREFIX_WARNING, stacklevel=2)
+    if no_eos:
+        warnings.warn(_NO_EOS_WARNING, stacklevel=2)
+    return {
+        "prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r,
+        "prompt_truncated": len(p) < n_prompt, "response_truncated": response_truncated,
+        "prompt_not_prefix": not_prefix, "response_no_eos": no_eos,
+    }
+
+
+def tokenize_pairs(dataset: Dataset, tokenizer, *, max_length: int = 512,
+                   max_prompt_length: int | None = None) -> tuple[Dataset, TokenizeReport]:
+    """Tokenize every normalized pair (see :func:`tokenize_pair` for ids and truncation).
+
+    Returns a dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
+    and ``row`` (and ``source`` when present), in the input's order, and a
+    :class:`TokenizeReport` counting truncations and template mismatches.
+    """
+    report = TokenizeReport(max_length=max_length, max_prompt_length=max_prompt_length)
+    keep = [k for k in ("row", "source") if k in dataset.column_names]
+    columns: dict[str, list] = {k: [] for k in
+                                ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+                                 *keep)}
+    with warnings.catch_warnings():  # summarized once below instead of once per pair
+        warnings.simplefilter("ignore")
+        for example in dataset:
+            out = tokenize_pair(example["prompt"], example["chosen"], example["rejected"],
+                                tokenizer, max_length=max_length,
+                                max_prompt_length=max_prompt_length)
+            for k in columns:
+                columns[k].append(out[k] if k in out else example[k])
+            report.n_pairs += 1
+            report.n_prompt_truncated += out["prompt_truncated"]
+            report.n_response_truncated += out["response_truncated"]
+            report.n_prompt_not_prefix += out["prompt_not_prefix"]
+            report.n_response_no_eos += out["response_no_eos"]
+    if report.n_prompt_not_prefix:
+        warnings.warn(f"{report.n_prompt_not_prefix} of {report.n_pairs} pairs: "
+                      + _NOT_PREFIX_WARNING, stacklevel=2)
+    if report.n_response_no_eos:
+        warnings.warn(f"{report.n_response_no_eos} of {report.n_pairs} pairs: "
+                      + _NO_EOS_WARNING, stacklevel=2)
+    return Dataset.from_dict(columns), report
