@@ -308,8 +308,9 @@ def test_tokenize_pairs_reports_counts(tok):
     rows = [conv_row("x" * 60), conv_row("short", chosen="y" * 60), conv_row()]
     out, report = tokenize_pairs(load_preference_pairs(rows)[0], tok, max_length=48)
     assert out.column_names == ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-                                "row", "source"]
+                                "untruncated_length", "row", "source"]
     assert out["row"] == [0, 1, 2] and report.n_pairs == 3
+    assert out["untruncated_length"][0] > 48 and out["untruncated_length"][2] <= 48
     assert (report.n_prompt_truncated, report.n_response_truncated) == (2, 1)
     assert report.n_prompt_not_prefix == 0
     for p, c in zip(out["prompt_input_ids"], out["chosen_input_ids"]):

@@ -113,8 +113,9 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, *, max_length: int = 512,
     still too long, each response is cut from the right to fit ``max_length`` with the prompt.
 
     Returns a dict with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
-    (response ids only) and booleans ``prompt_truncated``, ``response_truncated``,
-    ``prompt_not_prefix`` and ``response_no_eos``.
+    (response ids only), ``untruncated_length`` (prompt + longer response before truncation)
+    and booleans ``prompt_truncated``, ``response_truncated``, ``prompt_not_prefix`` and
+    ``response_no_eos``.
     """
     if max_length < 2 or (max_prompt_length is not None and max_prompt_length < 1):
         raise ValueError(f"max_length must be >= 2 and max_prompt_length >= 1, got "
@@ -129,6 +130,7 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, *, max_length: int = 512,
                          "prompt state to be scored from")
 
     n_prompt = len(p)
+    untruncated_length = n_prompt + max(len(c), len(r))
     if max_prompt_length is not None:
         p = p[-max_prompt_length:]
     longer = max(len(c), len(r))
@@ -144,7 +146,7 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, *, max_length: int = 512,
         warnings.warn(_NO_EOS_WARNING, stacklevel=2)
     return {
         "prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r,
-        "prompt_truncated": len(p) < n_prompt, "response_truncated": response_truncated,
+        "untruncated_length": untruncated_length, "prompt_truncated": len(p) < n_prompt, "response_truncated": response_truncated,
         "prompt_not_prefix": not_prefix, "response_no_eos": no_eos,
     }
 
@@ -153,15 +155,15 @@ def tokenize_pairs(dataset: Dataset, tokenizer, *, max_length: int = 512,
                    max_prompt_length: int | None = None) -> tuple[Dataset, TokenizeReport]:
     """Tokenize every normalized pair (see :func:`tokenize_pair` for ids and truncation).
 
-    Returns a dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
-    and ``row`` (and ``source`` when present), in the input's order, and a
+    Returns a dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``,
+    ``untruncated_length`` and ``row`` (and ``source`` when present), in the input's order, and a
     :class:`TokenizeReport` counting truncations and template mismatches.
     """
     report = TokenizeReport(max_length=max_length, max_prompt_length=max_prompt_length)
     keep = [k for k in ("row", "source") if k in dataset.column_names]
     columns: dict[str, list] = {k: [] for k in
                                 ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-                                 *keep)}
+                                 "untruncated_length", *keep)}
     with warnings.catch_warnings():  # summarized once below instead of once per pair
         warnings.simplefilter("ignore")
         for example in dataset:

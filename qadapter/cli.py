@@ -1,0 +1,41 @@
+"""The ``qadapter`` command: a thin shell over the Python API.
+
+    qadapter train [flags]                       train (no flags: the embedded default job)
+    qadapter generate --adapter DIR "prompt"     answer with the customized policy
+    qadapter chat --adapter DIR                  interactive chat with it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `train` owns its parser: every TrainingArguments / QAdapterConfig field is a flag there.
+    if argv and argv[0] == "train":
+        from .commands import train
+
+        return train.main(argv[1:])
+    from .commands import chat, generate
+    from .commands import train as train_cmd
+
+    parser = argparse.ArgumentParser(prog="qadapter", description="Customize a chat LLM to new preferences "
+                                     "without forgetting (Q-Adapter, ICLR 2025).")
+    parser.add_argument("--version", action="version", version=f"qadapter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help=train_cmd.HELP + " (see: qadapter train --help)", add_help=False)
+    generate.add_parser(sub)
+    chat.add_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The main job as a Python API: load → split by prompt → train → save → measure → show.
+
+``qadapter train`` is a thin shell over :func:`run_training`. With no arguments it customizes the
+embedded default model on the embedded HH-RLHF harmless pairs (see ``PRESETS['default']``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .embedded import DEFAULT_MODEL, default_data_path, resolve_model_path
+
+#: Named settings for the whole job. ``default`` fits a 2-core CPU in under 10 minutes, model
+#: conversion and measurement included: short pairs only, so that a step is cheap and the model
+#: sees as many of them as the time allows. ``long`` is the documented longer run (hours on a
+#: CPU, minutes on a GPU): many more pairs and a full epoch. Flags given on the command line win.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(max_length=128, drop_longer_than=128, eval_pairs=100, train_eval_pairs=100,
+                    per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
+                    max_steps=400, max_train_minutes=6.0, logging_steps=5, save_strategy="no"),
+    "long": dict(max_length=256, drop_longer_than=256, eval_pairs=200, train_eval_pairs=200,
+                 per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=5e-4,
+                 num_train_epochs=1, max_steps=-1, max_train_minutes=None, logging_steps=5,
+                 save_strategy="steps", save_steps=25),
+    # the authors' own settings (method.md): global batch 512 pairs, cut-off 512, 2 epochs on HH
+    "paper": dict(max_length=512, drop_longer_than=None, eval_pairs=230, train_eval_pairs=230,
+                  per_device_train_batch_size=1, gradient_accumulation_steps=512, learning_rate=3e-4,
+                  num_train_epochs=2, max_steps=-1, max_train_minutes=None, save_strategy="steps",
+                  save_steps=1),
+}
+
+
+@dataclass
+class JobArguments:
+    """What to train on and what to measure; ``QAdapterConfig`` holds the training knobs."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."})
+    data: str | None = field(default=None, metadata={"help": "Preference pairs: a .json/.jsonl/.parquet file (default: the embedded HH-RLHF harmless pairs)."})
+    preset: str = field(default="default", metadata={"help": f"Named settings: {', '.join(PRESETS)}. Explicit flags override them."})
+    eval_pairs: float = field(default=100, metadata={"help": "Held-out pairs (an int) or fraction (< 1), split by prompt."})
+    train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs (seeded choice)."})
+    train_eval_pairs: int = field(default=100, metadata={"help": "Training pairs on which accuracy is also measured."})
+    drop_longer_than: int | None = field(default=None, metadata={"help": "Drop (and count) pairs whose prompt + longer response exceeds this many tokens, instead of truncating them."})
+    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop training after this many minutes (the adapter is still saved and measured)."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping at the first."})
+    allow_empty_response: bool = field(default=False, metadata={"help": "Accept pairs whose chosen or rejected response is empty."})
+    show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
+    example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
+
+
+class StopAfterMinutes(TrainerCallback):
+    """Ends training cleanly once a wall-clock budget is spent (checked after every step)."""
+
+    def __init__(self, minutes: float):
+        self.deadline = time.monotonic() + 60 * minutes
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() > self.deadline and not control.should_training_stop:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at small n and near 0 or 1)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+@torch.no_grad()
+def pair_log_likelihoods(qadapter, tokenized, batch_size: int = 4, desc: str = "scoring pairs") -> dict[str, list[float]]:
+    """log π(y|x) of chosen and rejected responses under both π1 and π̃, from one adapter pass and
+    one base pass per sequence (the base pass serves both policies).
+
+    Returns lists ``base_chosen``, ``base_rejected``, ``custom_chosen``, ``custom_rejected``.
+    """
+    from .objective import composed_logits, taken
+    from .trainer import PreferencePairCollator
+
+    collate = PreferencePairCollator(qadapter.tokenizer.pad_token_id)
+    settings, device = qadapter.settings, qadapter.device
+    out = {k: [] for k in ("base_chosen", "base_rejected", "custom_chosen", "custom_rejected")}
+    was_training = qadapter.model.training
+    qadapter.model.eval()
+    for start in tqdm(range(0, len(tokenized), batch_size), desc=desc, leave=False):
+        batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
+        width_p, width = int(batch["prompt_width"]), batch["input_ids"].shape[1]
+        positions = torch.arange(width_p - 1, width - 1, device=device)
+        q, log_pi1 = qadapter.q_and_base_logprobs(batch["input_ids"].to(device), batch["attention_mask"].to(device), positions)
+        actions, mask = batch["input_ids"][:, width_p:].to(device), batch["response_mask"][:, width_p:].to(device)
+        custom = torch.log_softmax(composed_logits(q, log_pi1, settings.alpha_0, settings.alpha_tilde), -1)
+        base_ll = (taken(log_pi1, actions) * mask).sum(-1).tolist()
+        custom_ll = (taken(custom, actions) * mask).sum(-1).tolist()
+        half = len(base_ll) // 2
+        out["base_chosen"] += base_ll[:half]; out["base_rejected"] += base_ll[half:]
+        out["custom_chosen"] += custom_ll[:half]; out["custom_rejected"] += custom_ll[half:]
+    qadapter.model.train(was_training)
+    return out
+
+
+def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """Fraction of pairs whose chosen response is more likely (ties count half), with a 95% interval."""
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    n = len(chosen)
+    low, high = wilson_interval(wins, n)
+    return {"accuracy": wins / n if n else float("nan"), "n": n, "ci_low": low, "ci_high": high}
+
+
+def _tokenized_length(row) -> int:
+    return len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
+
+
+def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
+    """Train a Q-Adapter as ``job`` and ``config`` (a :class:`QAdapterConfig`) say; return a report.
+
+    The report (also saved as ``report.json`` beside the adapter) holds the data split, the load
+    and tokenization reports, training time and steps, and the preference accuracy of the base
+    and the customized policy on training and held-out pairs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt, tokenize_pairs
+    from .trainer import QAdapterTrainer
+
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    model_path = resolve_model_path(job.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    if job.data is None:
+        pairs, load_report = load_embedded_pairs()
+        data_name = f"embedded HH-RLHF harmless ({default_data_path().name})"
+    else:
+        pairs, load_report = load_preference_pairs(job.data, skip_invalid=job.skip_invalid,
+                                                   allow_empty_response=job.allow_empty_response)
+        data_name = job.data
+    log(f"data: {load_report.summary()}")
+
+    # Tokenize once, before the split, so that length filtering cannot unbalance train and eval.
+    ids, tok_report = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
+                                     max_prompt_length=config.max_prompt_length)
+    log(f"tokens: {tok_report.summary()}")
+    for column in ids.column_names:
+        if column not in pairs.column_names:
+            pairs = pairs.add_column(column, ids[column])
+    n_dropped = 0
+    if job.drop_longer_than:
+        # A pair is kept whole or dropped (and counted), never silently cut.
+        keep = [i for i, n in enumerate(pairs["untruncated_length"]) if n <= job.drop_longer_than]
+        n_dropped = len(pairs) - len(keep)
+        pairs = pairs.select(keep)
+        log(f"kept the {len(pairs)} pairs of at most {job.drop_longer_than} tokens; dropped {n_dropped} longer ones")
+    eval_size = int(job.eval_pairs) if job.eval_pairs >= 1 else float(job.eval_pairs)
+    train_ids, eval_ids, split_info = split_by_prompt(pairs, eval_size=eval_size, seed=config.seed)
+    if job.train_pairs:
+        train_ids = select_pairs(train_ids, job.train_pairs, seed=config.seed)
+    log(f"split by prompt (seed {config.seed}): {len(train_ids)} training pairs, {len(eval_ids)} held-out pairs "
+        f"({split_info['n_train_prompts']} / {split_info['n_eval_prompts']} prompts)")
+
+    callbacks = []
+    timer = None
+    if job.max_train_minutes:
+        timer = StopAfterMinutes(job.max_train_minutes)
+        callbacks.append(timer)
+    trainer = QAdapterTrainer(model, config, train_dataset=train_ids, processing_class=tokenizer,
+                              base_model_name_or_path=job.model, callbacks=callbacks)
+    train_start = time.monotonic()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    train_seconds = time.monotonic() - train_start
+    qadapter = trainer.qadapter()
+    out_dir = Path(config.output_dir) / "adapter"
+    if trainer.is_world_process_zero():
+        qadapter.save_pretrained(out_dir)
+
+    report: dict[str, Any] = {
+        "model": job.model, "data": data_name, "preset": job.preset, "seed": config.seed,
+        "split": split_info, "dropped_as_longer": n_dropped, "load": load_report.summary(),
+        "tokenize": tok_report.summary(),
+        "train_pairs": len(train_ids), "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
+        "stopped_by_time_limit_at_step": timer.stopped_at if timer else None,
+        "pairs_per_second": round(trainer.state.global_step * config.per_device_train_batch_size
+                                  * config.gradient_accumulation_steps * max(1, config.world_size) / max(train_seconds, 1e-9), 4),
+        "settings": asdict(qadapter.settings), "adapter_dir": str(out_dir.resolve()),
+    }
+    if not trainer.is_world_process_zero():
+        return report
+
+    seen = min(job.train_eval_pairs, len(train_ids))
+    measured = {"train": select_pairs(train_ids, seen, seed=config.seed), "held_out": eval_ids}
+    report["accuracy"] = {}
+    for split, ids in measured.items():
+        ll = pair_log_likelihoods(qadapter, ids, desc=f"measuring {split} pairs")
+        report["accuracy"][split] = {
+            "base": preference_accuracy(ll["base_chosen"], ll["base_rejected"]),
+            "customized": preference_accuracy(ll["custom_chosen"], ll["custom_rejected"]),
+        }
+    if job.show_examples:
+        prompts = [eval_ids[i]["prompt"] for i in range(min(job.show_examples, len(eval_ids)))]
+        report["examples"] = [
+            {"prompt": p[-1]["content"] if isinstance(p, list) else p,
+             "base": qadapter.generate([p], policy="base", max_new_tokens=job.example_new_tokens)[0],
+             "customized": qadapter.generate([p], max_new_tokens=job.example_new_tokens)[0]}
+            for p in tqdm(prompts, desc="example answers", leave=False)]
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    tmp = out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    tmp.replace(out_dir / "report.json")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable summary ``qadapter train`` prints."""
+    lines = [f"\ntrained {report['steps']} steps on {report['train_pairs']} pairs in {report['train_seconds']:.0f} s "
+             f"({report['pairs_per_second']:.3f} pairs/s)"
+             + (f"; stopped by the time limit at step {report['stopped_by_time_limit_at_step']}"
+                if report.get("stopped_by_time_limit_at_step") else "")]
+    lines.append("\npreference accuracy: fraction of pairs where log π(chosen|x) > log π(rejected|x), 95% Wilson interval")
+    lines.append(f"{'pairs':<10} {'n':>4}  {'base π1':>22}  {'customized π̃':>22}")
+    for split, acc in report.get("accuracy", {}).items():
+        cells = [f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" for a in (acc["base"], acc["customized"])]
+        lines.append(f"{split:<10} {acc['base']['n']:>4}  {cells[0]:>22}  {cells[1]:>22}")
+    for ex in report.get("examples", []):
+        lines.append(f"\nprompt: {ex['prompt']!r}\n  base:       {ex['base']!r}\n  customized: {ex['customized']!r}")
+    lines.append(f"\nadapter saved to {report['adapter_dir']} (with report.json)")
+    return "\n".join(lines)
