@@ -115,6 +115,28 @@ def causal_lm_logits(model, input_ids, attention_mask=None, positions: torch.Ten
     return model(**kwargs, logits_to_keep=positions).logits
 
 
+def save_atomically(output_dir: str | os.PathLike, write) -> Path:
+    """Run ``write(folder)`` into a temporary sibling folder that then replaces ``output_dir``, so
+    a crash never leaves a half-written model behind (and an old one survives a failed save)."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        write(tmp)
+        if output_dir.exists():
+            old = output_dir.with_name(output_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            output_dir.rename(old)
+            tmp.rename(output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
 class QAdapter:
     """A pre-trained causal LM plus a residual-Q LoRA adapter: the customized policy π̃.
 
@@ -178,28 +200,14 @@ class QAdapter:
 
     def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
         """Save atomically: the PEFT adapter (loadable by ``PeftModel.from_pretrained``), the
-        tokenizer and ``qadapter_config.json`` are written to a temporary sibling folder that then
-        replaces ``output_dir``, so a crash never leaves a half-written adapter behind."""
-        output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        try:
-            self.model.save_pretrained(tmp)
+        tokenizer and ``qadapter_config.json``."""
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(folder)
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            (tmp / CONFIG_NAME).write_text(self.settings.to_json(), encoding="utf-8")
-            if output_dir.exists():
-                old = output_dir.with_name(output_dir.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                output_dir.rename(old)
-                tmp.rename(output_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return output_dir
+                self.tokenizer.save_pretrained(folder)
+            (folder / CONFIG_NAME).write_text(self.settings.to_json(), encoding="utf-8")
+
+        return save_atomically(output_dir, write)
 
     # ----------------------------------------------------------------- the policy
     @property

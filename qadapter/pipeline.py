@@ -43,6 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class JobArguments:
     """What to train on and what to measure; ``QAdapterConfig`` holds the training knobs."""
 
+    method: str = field(default="qadapter", metadata={"help": "qadapter, or a baseline in the same harness: sft, replay, dpo."})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."})
     data: str | None = field(default=None, metadata={"help": "Preference pairs: a .json/.jsonl/.parquet file (default: the embedded HH-RLHF harmless pairs)."})
     preset: str = field(default="default", metadata={"help": f"Named settings: {', '.join(PRESETS)}. Explicit flags override them."})
@@ -53,6 +54,7 @@ class JobArguments:
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop training after this many minutes (the adapter is still saved and measured)."})
     skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping at the first."})
     allow_empty_response: bool = field(default=False, metadata={"help": "Accept pairs whose chosen or rejected response is empty."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO baseline (the paper's 0.1)."})
     show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
     example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
 
@@ -178,25 +180,39 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     if job.max_train_minutes:
         timer = StopAfterMinutes(job.max_train_minutes)
         callbacks.append(timer)
-    trainer = QAdapterTrainer(model, config, train_dataset=train_ids, processing_class=tokenizer,
-                              base_model_name_or_path=job.model, callbacks=callbacks)
-    train_start = time.monotonic()
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    train_seconds = time.monotonic() - train_start
-    qadapter = trainer.qadapter()
     out_dir = Path(config.output_dir) / "adapter"
+    train_start = time.monotonic()
+    if job.method == "qadapter":
+        trainer = QAdapterTrainer(model, config, train_dataset=train_ids, processing_class=tokenizer,
+                                  base_model_name_or_path=job.model, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        qadapter = trainer.qadapter()
+        save = qadapter.save_pretrained
+    else:
+        from .modeling import QAdapter, QAdapterSettings, save_atomically
+        from .trainer.baselines import train_baseline
+
+        trainer = train_baseline(job.method, model, tokenizer, train_ids.select_columns(["prompt", "chosen", "rejected"]),
+                                 config, dpo_beta=job.dpo_beta, callbacks=callbacks, log=log)
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        # The baseline's policy is its adapter model itself: a QAdapter with α0 = 0 and α̃ = 1
+        # decodes and scores exactly that, through the same code as the Q-Adapter.
+        qadapter = QAdapter(peft_model, tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0))
+        save = lambda folder: save_atomically(folder, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))  # noqa: E731
+    train_seconds = time.monotonic() - train_start
     if trainer.is_world_process_zero():
-        qadapter.save_pretrained(out_dir)
+        save(out_dir)
 
     report: dict[str, Any] = {
-        "model": job.model, "data": data_name, "preset": job.preset, "seed": config.seed,
+        "method": job.method, "model": job.model, "data": data_name, "preset": job.preset, "seed": config.seed,
         "split": split_info, "dropped_as_longer": n_dropped, "load": load_report.summary(),
         "tokenize": tok_report.summary(),
         "train_pairs": len(train_ids), "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
         "stopped_by_time_limit_at_step": timer.stopped_at if timer else None,
         "pairs_per_second": round(trainer.state.global_step * config.per_device_train_batch_size
                                   * config.gradient_accumulation_steps * max(1, config.world_size) / max(train_seconds, 1e-9), 4),
-        "settings": asdict(qadapter.settings), "adapter_dir": str(out_dir.resolve()),
+        "settings": asdict(qadapter.settings) if job.method == "qadapter" else None,
+        "adapter_dir": str(out_dir.resolve()),
     }
     if not trainer.is_world_process_zero():
         return report
@@ -231,7 +247,8 @@ def format_report(report: dict[str, Any]) -> str:
              + (f"; stopped by the time limit at step {report['stopped_by_time_limit_at_step']}"
                 if report.get("stopped_by_time_limit_at_step") else "")]
     lines.append("\npreference accuracy: fraction of pairs where log π(chosen|x) > log π(rejected|x), 95% Wilson interval")
-    lines.append(f"{'pairs':<10} {'n':>4}  {'base π1':>22}  {'customized π̃':>22}")
+    trained = "customized π̃" if report.get("method", "qadapter") == "qadapter" else report["method"]
+    lines.append(f"{'pairs':<10} {'n':>4}  {'base π1':>22}  {trained:>22}")
     for split, acc in report.get("accuracy", {}).items():
         cells = [f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" for a in (acc["base"], acc["customized"])]
         lines.append(f"{split:<10} {acc['base']['n']:>4}  {cells[0]:>22}  {cells[1]:>22}")

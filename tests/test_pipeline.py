@@ -108,3 +108,20 @@ def test_wilson_interval():
     low, high = wilson_interval(54, 100)
     assert low < 0.54 < high and high - low == pytest.approx(0.19, abs=0.01)
     assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sft", "replay", "dpo"])
+def test_baselines_train_and_save_plain_peft_adapters(method, tiny_model_dir, tmp_path):
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 12), method=method)
+    config.learning_rate = 1e-2
+    report = run_training(job, config, log=lambda *_: None)
+    saved = tmp_path / "run" / "adapter"
+    assert report["method"] == method and report["steps"] == 2
+    assert (saved / "adapter_config.json").is_file()
+    assert not (saved / "qadapter_config.json").exists()  # a plain PEFT adapter: its policy is the adapter model
+    from peft import PeftModel
+    loaded = PeftModel.from_pretrained(tiny_llama(), saved)
+    lora_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "the baseline did not train its adapter"
+    acc = report["accuracy"]["held_out"]
+    assert acc["base"]["n"] == acc["customized"]["n"] == 4

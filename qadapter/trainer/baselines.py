@@ -1,0 +1,78 @@
+"""The paper's baselines in the same harness: SFT, Replay and DPO, on TRL's own trainers.
+
+Each one trains a LoRA adapter with the same rank and target modules as the Q-Adapter it is compared
+with, on the same training split, and leaves a plain PEFT adapter (the policy is the adapter model
+itself: there is no composition with π1).
+
+* ``sft``: supervised fine-tuning on the chosen answers (TRL ``SFTTrainer``, loss on the completion).
+* ``replay``: SFT on the chosen answers plus the base model's own greedy answers to the same
+  training prompts, the classic rehearsal defence against forgetting.
+* ``dpo``: TRL ``DPOTrainer`` with β = 0.1 (``dpo_beta``) and the frozen base as reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from ..modeling import lora_config
+
+BASELINES = ("sft", "replay", "dpo")
+
+
+def sft_dataset(pairs: Dataset) -> Dataset:
+    """TRL prompt-completion rows from the chosen side of normalized pairs (a normalized response,
+    one assistant message in a list or a string, is already a TRL completion)."""
+    return Dataset.from_dict({"prompt": list(pairs["prompt"]), "completion": list(pairs["chosen"])})
+
+
+def replay_dataset(pairs: Dataset, base_answers: list[str]) -> Dataset:
+    """SFT rows plus one row per training prompt answered by the base model itself."""
+    sft = sft_dataset(pairs)
+    conversational = isinstance(pairs[0]["prompt"], list)
+    replayed = [[{"role": "assistant", "content": a}] if conversational else a for a in base_answers]
+    return Dataset.from_dict({"prompt": list(sft["prompt"]) + list(pairs["prompt"]),
+                              "completion": list(sft["completion"]) + replayed})
+
+
+def _training_kwargs(config) -> dict:
+    """The TrainingArguments part of a QAdapterConfig, to build TRL's configs from."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    values = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    # derived or process-specific values TrainingArguments recomputes itself
+    for key in ("logging_dir",):
+        values.pop(key, None)
+    return values
+
+
+def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, *, dpo_beta: float = 0.1,
+                   replay_new_tokens: int = 128, callbacks=None, log=print):
+    """Train ``method`` (one of :data:`BASELINES`) and return its trainer (``trainer.model`` is the PeftModel)."""
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
+    peft_config = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    common = _training_kwargs(config)
+    if method == "dpo":
+        args = DPOConfig(**common, beta=dpo_beta, max_length=config.max_length)
+        trainer = DPOTrainer(model, args=args, train_dataset=train_pairs.select_columns(["prompt", "chosen", "rejected"]),
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    else:
+        if method == "sft":
+            data = sft_dataset(train_pairs)
+        else:
+            from ..generation import generate
+
+            log(f"replay: answering {len(train_pairs)} training prompts with the base model (greedy, "
+                f"at most {replay_new_tokens} tokens)")
+            answers = generate(model, tokenizer, list(train_pairs["prompt"]), alpha_0=0.0, alpha_tilde=1.0,
+                               policy="base", max_new_tokens=replay_new_tokens)
+            data = replay_dataset(train_pairs, answers)
+        args = SFTConfig(**common, max_length=config.max_length, completion_only_loss=True)
+        trainer = SFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    return trainer
