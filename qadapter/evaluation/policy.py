@@ -1,0 +1,269 @@
+"""The one interface every evaluated policy goes through.
+
+A *policy* is anything with
+
+* ``tokenizer`` — a Hugging Face tokenizer,
+* ``device`` — where its inputs must live,
+* ``logits(input_ids, attention_mask)`` — next-token logits (B, T, V) of the policy for a left-padded
+  batch (optionally ``positions=K``: only the last K positions, (B, K, V)),
+* ``generate(prompts, *, max_new_tokens, stop_strings=None, do_sample=False, raw_text=False)`` — one
+  continuation per prompt, the new text only (special tokens skipped). Prompts follow
+  :func:`qadapter.generation.generate`: a list of ``{"role", "content"}`` messages is rendered with
+  the chat template and the generation prompt; a ``str`` is one user turn, or with ``raw_text=True``
+  raw text tokenized as is (no chat template, no special tokens); a list of ints is token ids.
+
+:class:`qadapter.modeling.QAdapter` is one (π̃ of eq. (1)); :class:`HFPolicy` wraps any plain causal LM
+(SFT, DPO, a PEFT model, the base model itself). Every evaluator in :mod:`qadapter.evaluation` only
+uses this interface, so all policies are scored by the same code. The evaluators pass benchmark
+prompts as raw text (``raw_text=True``) and chat prompts as message lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..generation import encode_prompt, left_pad, render_messages
+
+__all__ = ["Policy", "HFPolicy", "QAdapterBaseView", "base_policy", "load_policy", "render_chat", "encode",
+           "cut_at_stop", "call_logits"]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the evaluators need from a policy (see the module docstring for the semantics)."""
+
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def generate(self, prompts: Sequence[Any], *, max_new_tokens: int, stop_strings: Sequence[str] | None = None,
+                 **kwargs) -> list[str]: ...
+
+
+# --------------------------------------------------------------------------- text helpers
+def render_chat(tokenizer, messages, *, add_generation_prompt: bool) -> str:
+    """The chat template as text (:func:`qadapter.generation.render_messages` with the generation
+    prompt); without a template, ``Role: content`` lines (ending in ``Assistant:`` with the prompt)."""
+    if add_generation_prompt:
+        return render_messages(tokenizer, messages)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
+        return text if isinstance(text, str) else text[0]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added (the text carries its own, e.g. from a template)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
+    """``text`` up to (excluding) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for stop in stop_strings or ():
+        if stop:
+            found = text.find(stop)
+            if found != -1:
+                cut = min(cut, found)
+    return text[:cut]
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+_ACCEPTS_POSITIONS: dict[type, bool] = {}
+
+
+def call_logits(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None) -> torch.Tensor:
+    """``policy.logits`` at the last ``keep_last`` positions (all when None), as float32.
+
+    Policies whose ``logits`` take ``positions=`` (QAdapter, HFPolicy) compute only those positions'
+    vocabulary projections; others are sliced afterwards.
+    """
+    kind = type(policy)
+    if kind not in _ACCEPTS_POSITIONS:
+        try:
+            params = inspect.signature(policy.logits).parameters
+            _ACCEPTS_POSITIONS[kind] = "positions" in params
+        except (TypeError, ValueError):
+            _ACCEPTS_POSITIONS[kind] = False
+    if keep_last is not None and keep_last >= input_ids.shape[1]:
+        keep_last = None
+    if keep_last is not None and _ACCEPTS_POSITIONS[kind]:
+        out = policy.logits(input_ids, attention_mask, positions=int(keep_last))
+    else:
+        out = policy.logits(input_ids, attention_mask)
+        if keep_last is not None:
+            out = out[:, -keep_last:]
+    return out.float()
+
+
+# --------------------------------------------------------------------------- HF policies
+class HFPolicy:
+    """Any causal LM (a ``transformers`` model or a ``peft.PeftModel``) as a :class:`Policy`.
+
+    ``logits`` runs the model on a left-padded batch with position ids derived from the attention mask
+    (so padding never shifts positions); ``generate`` uses ``model.generate`` (greedy by default).
+    With ``disable_adapter=True`` (a PEFT model only) both run with the adapter switched off: the
+    base model without loading it twice (see :func:`base_policy`).
+    """
+
+    def __init__(self, model, tokenizer, *, disable_adapter: bool = False, name: str | None = None):
+        if disable_adapter and not hasattr(model, "disable_adapter"):
+            raise ValueError("disable_adapter=True needs a PEFT model")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.disable_adapter = disable_adapter
+        self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
+        self.model.eval()
+
+    def __repr__(self) -> str:
+        return f"HFPolicy({self.name!r}{', adapter disabled' if self.disable_adapter else ''})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _context(self):
+        return self.model.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logits(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
+        from ..modeling import causal_lm_logits
+
+        with self._context():
+            return causal_lm_logits(self.model, input_ids, attention_mask, positions)
+
+    @torch.no_grad()
+    def generate(self, prompts, *, max_new_tokens: int = 128, stop_strings: Sequence[str] | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+                 top_k: int | None = None, raw_text: bool = False, **kwargs) -> list[str]:
+        """``model.generate`` (greedy unless ``do_sample``) on prompts read as
+        :func:`qadapter.generation.generate` reads them; the new text, cut before a stop string."""
+        if not prompts:
+            return []
+        tok = self.tokenizer
+        ids, mask = left_pad([encode_prompt(tok, p, raw_text) for p in prompts], pad_token_id(tok), self.device)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                          pad_token_id=pad_token_id(tok))
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:  # neutralize sampling settings a model's generation_config may carry
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        stops = [s for s in ([stop_strings] if isinstance(stop_strings, str) else stop_strings or ()) if s]
+        if stops:
+            gen_kwargs.update(stop_strings=stops, tokenizer=tok)
+        gen_kwargs.update(kwargs)
+        with self._context():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return [cut_at_stop(t, stops) for t in texts]
+
+
+class QAdapterBaseView:
+    """The base policy π1 of a :class:`~qadapter.modeling.QAdapter` (adapter disabled), as a Policy."""
+
+    def __init__(self, qadapter):
+        self.qadapter = qadapter
+        self.tokenizer = qadapter.tokenizer
+
+    def __repr__(self) -> str:
+        return f"QAdapterBaseView({self.qadapter.settings.base_model_name_or_path!r})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.qadapter.device
+
+    @torch.no_grad()
+    def logits(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
+        return self.qadapter.base_logits(input_ids, attention_mask, positions)
+
+    @torch.no_grad()
+    def generate(self, prompts, **kwargs) -> list[str]:
+        kwargs["policy"] = "base"
+        return self.qadapter.generate(prompts, **kwargs)
+
+
+def base_policy(policy) -> Any:
+    """π1 sharing the weights of ``policy``: the adapter-disabled view of a QAdapter or a PEFT HFPolicy.
+
+    For a plain (merged / fully fine-tuned) model the base cannot be inferred: load it with
+    :func:`load_policy` and pass it explicitly.
+    """
+    from ..modeling import QAdapter
+
+    if isinstance(policy, QAdapter):
+        return QAdapterBaseView(policy)
+    if isinstance(policy, QAdapterBaseView):
+        return policy
+    if isinstance(policy, HFPolicy) and hasattr(policy.model, "disable_adapter"):
+        return HFPolicy(policy.model, policy.tokenizer, disable_adapter=True, name=f"{policy.name} (base)")
+    raise ValueError(f"cannot infer the base model of {policy!r}: load it with load_policy() and pass it explicitly")
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    name = str(dtype).replace("torch.", "")
+    if name == "auto":
+        return "auto"
+    return getattr(torch, name)
+
+
+def load_policy(path_or_name: str | os.PathLike, *, base_model: str | None = None, device: str | None = None,
+                dtype=None, alpha_0: float | None = None, alpha_tilde: float | None = None):
+    """Load any evaluated policy from a folder or model name.
+
+    * a folder with ``qadapter_config.json`` → :class:`~qadapter.modeling.QAdapter` (``alpha_0`` /
+      ``alpha_tilde`` override the saved decoding temperatures; ``base_model`` the base it loads onto);
+    * a folder with ``adapter_config.json`` (a PEFT adapter, e.g. SFT / DPO LoRA) → :class:`HFPolicy`
+      over ``PeftModel`` on its base (``base_model`` or the adapter's ``base_model_name_or_path``);
+    * anything else (a model folder, a hub id, ``"embedded"``) → :class:`HFPolicy` over the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..embedded import resolve_model_path
+    from ..modeling import CONFIG_NAME, QAdapter
+
+    torch_dtype = _dtype(dtype)
+    path = Path(str(path_or_name))
+    if (path / CONFIG_NAME).is_file():
+        policy = QAdapter.from_pretrained(path, base_model=base_model, torch_dtype=torch_dtype,
+                                          alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+        if device:
+            policy.model.to(device)
+        policy.model.eval()
+        return policy
+    if alpha_0 is not None or alpha_tilde is not None:
+        raise ValueError(f"alpha_0 / alpha_tilde apply to a Q-Adapter; {path_or_name} holds no {CONFIG_NAME}")
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(str(path))
+        base_path = resolve_model_path(base_model or config.base_model_name_or_path)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
+        tok_source = path if (path / "tokenizer_config.json").is_file() else base_path
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+        model = PeftModel.from_pretrained(base, str(path))
+        name = str(path)
+    else:
+        model_path = resolve_model_path(str(path_or_name))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        name = str(path_or_name)
+    if device:
+        model.to(device)
+    return HFPolicy(model, tokenizer, name=name)
