@@ -3,6 +3,7 @@
     qadapter train [flags]                       train (no flags: the embedded default job)
     qadapter generate --adapter DIR "prompt"     answer with the customized policy
     qadapter chat --adapter DIR                  interactive chat with it
+    qadapter compare --output-dir DIR [flags]    Q-Adapter vs SFT / Replay / DPO: retention and preference
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import train
 
         return train.main(argv[1:])
-    from .commands import chat, generate
+    from .commands import chat, compare, generate
     from .commands import train as train_cmd
 
     parser = argparse.ArgumentParser(prog="qadapter", description="Customize a chat LLM to new preferences "
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help=train_cmd.HELP + " (see: qadapter train --help)", add_help=False)
     generate.add_parser(sub)
     chat.add_parser(sub)
+    compare.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -57,6 +57,9 @@ class JobArguments:
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO baseline (the paper's 0.1)."})
     show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
     example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
+    save_split: bool = field(default=False, metadata={"help": "Also write the training and held-out pairs (normalized "
+                             "prompt / chosen / rejected, source row) to OUTPUT_DIR/split/{train,held_out}.jsonl, "
+                             "with the split counts in split.json, so every evaluation uses exactly this split."})
 
 
 class StopAfterMinutes(TrainerCallback):
@@ -125,6 +128,25 @@ def _tokenized_length(row) -> int:
     return len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
 
 
+SPLIT_COLUMNS = ("prompt", "chosen", "rejected", "row")
+
+
+def save_split(folder, train, held_out, info: dict[str, Any]) -> None:
+    """Write ``train.jsonl`` and ``held_out.jsonl`` (the normalized pairs, one per line) and
+    ``split.json`` (the split counts and seed) into ``folder``, each file atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("held_out", held_out)):
+        columns = [c for c in SPLIT_COLUMNS if c in rows.column_names]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows.select_columns(columns))
+        tmp = folder / f"{name}.jsonl.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(folder / f"{name}.jsonl")
+    tmp = folder / "split.json.tmp"
+    tmp.write_text(json.dumps({**info, "n_train_pairs_used": len(train)}, indent=2), encoding="utf-8")
+    tmp.replace(folder / "split.json")
+
+
 def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     """Train a Q-Adapter as ``job`` and ``config`` (a :class:`QAdapterConfig`) say; return a report.
 
@@ -174,6 +196,9 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         train_ids = select_pairs(train_ids, job.train_pairs, seed=config.seed)
     log(f"split by prompt (seed {config.seed}): {len(train_ids)} training pairs, {len(eval_ids)} held-out pairs "
         f"({split_info['n_train_prompts']} / {split_info['n_eval_prompts']} prompts)")
+
+    if job.save_split and config.process_index == 0:
+        save_split(Path(config.output_dir) / "split", train_ids, eval_ids, split_info)
 
     callbacks = []
     timer = None

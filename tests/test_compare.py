@@ -1,0 +1,268 @@
+"""`qadapter compare` / `run_comparison`: every method trained on one split, the base model and every
+method scored by the same evaluators, tables and plot written, and a rerun reusing everything. Tiny
+random models and tiny benchmark files only (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_llama
+from qadapter.compare import (DEFAULT_LIMITS, Comparison, parse_limits, run_comparison, tradeoff,
+                              write_results)
+from qadapter.evaluation import EvalResult, make_metric
+from qadapter.pipeline import JobArguments
+from qadapter.trainer import QAdapterConfig
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+METHODS = ["qadapter", "sft", "replay", "dpo"]
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE tokenizer (round-trips any text, so stop strings work) with ChatML;
+    pad = 0 and eos = 2, the special ids of conftest's tiny Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Question: Answer: The answer is Q: A: user assistant w1 w2 w3 w4 w50 w51 w52"] * 4
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def conv(prompt, answer):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model folder, 20 preference pairs and a tiny benchmark folder in the shipped layout."""
+    root = tmp_path_factory.mktemp("compare")
+    tok = byte_level_tokenizer()
+    tiny_llama(vocab_size=len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    write_jsonl(root / "pairs.jsonl", [{"chosen": conv(f"w{i} w{i + 1}", f"w3{i % 10} w4"),
+                                        "rejected": conv(f"w{i} w{i + 1}", "w50 w51 w52")} for i in range(20)])
+    data = root / "bench"
+    (data / "mmlu" / "test").mkdir(parents=True)
+    (data / "mmlu" / "dev").mkdir(parents=True)
+    (data / "mmlu" / "test" / "tiny_test.csv").write_text("".join(f"w{i} w2,w3,w4,w5,w6,{'ABCD'[i % 4]}\n" for i in range(4)))
+    (data / "mmlu" / "dev" / "tiny_dev.csv").write_text("".join(f"w{i} w7,w3,w4,w5,w6,A\n" for i in range(5)))
+    for subset in ("easy", "challenge"):
+        write_jsonl(data / "arc" / f"arc_{subset}.test.jsonl",
+                    [{"query": f"Question: w{i} w9", "choices": ["w3", "w4 w5"], "gold": i % 2} for i in range(4)])
+    write_jsonl(data / "gsm8k" / "test.jsonl", [{"question": f"w{i} w8", "answer": f"w3 #### {i}"} for i in range(4)])
+    (data / "bbh" / "bbh").mkdir(parents=True)
+    (data / "bbh" / "cot-prompts").mkdir(parents=True)
+    (data / "bbh" / "bbh" / "tiny.json").write_text(json.dumps({"examples": [{"input": f"w{i}", "target": "w2"} for i in range(4)]}))
+    (data / "bbh" / "cot-prompts" / "tiny.txt").write_text("Q: w1\nA: Let's think step by step. So the answer is w2.")
+    write_jsonl(data / "ultrafeedback_prompts" / "prompts.jsonl", [{"prompt": f"w{i} w12 w13"} for i in range(6)])
+    return root
+
+
+def job_and_config(root, **config):
+    job = JobArguments(model=str(root / "model"), data=str(root / "pairs.jsonl"), eval_pairs=4, train_eval_pairs=4,
+                       show_examples=0)
+    settings = dict(output_dir=str(root / "unused"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                    save_strategy="no", use_cpu=True, max_length=64, learning_rate=1e-2, seed=0)
+    settings.update(config)
+    return job, QAdapterConfig(**settings)
+
+
+def comparison_kwargs(root, **kw):
+    args = dict(methods=METHODS, limits=2, train_judge=True, judge_steps=2, judge_batch_size=2, bbh_tasks=["tiny"],
+                max_new_tokens=4, eval_batch_size=4, data_dir=root / "bench", progress=False, log=lambda *a: None)
+    args.update(kw)
+    return args
+
+
+def test_compare_trains_every_method_evaluates_every_policy_and_resumes(setup, monkeypatch):
+    out = setup / "out"
+    job, config = job_and_config(setup)
+    first = run_comparison(out, job, config, **comparison_kwargs(setup))
+    assert first.trained == METHODS + ["judge"]
+    policies = ["base"] + METHODS
+    evaluations = ["mmlu0", "mmlu5", "arc_easy", "arc_challenge", "gsm8k", "bbh", "kl", "preferences", "win_rate"]
+    assert sorted(first.computed) == sorted((p, e) for p in policies for e in evaluations)
+
+    # the same split for every method, written by run_training
+    splits = {m: (out / m / "split" / "held_out.jsonl").read_text() + (out / m / "split" / "train.jsonl").read_text()
+              for m in METHODS}
+    assert len(set(splits.values())) == 1
+    split = json.loads((out / "qadapter" / "split" / "split.json").read_text())
+    assert split["n_eval_pairs"] == 4 and split["n_train_pairs"] == 16
+    for m in METHODS:
+        assert (out / m / "adapter" / "report.json").is_file()
+    assert (out / "qadapter" / "adapter" / "qadapter_config.json").is_file()  # the Q-Adapter, composed at evaluation
+    assert (out / "judge" / "judge_report.json").is_file() and (out / "judge" / "config.json").is_file()
+
+    # tables and plot: one row per policy, every column with its interval and n
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["policy"] for r in rows] == policies
+    for r in rows:
+        for col in ("arc_easy", "kl", "pref_acc", "margin", "win_rate"):
+            assert float(r[f"{col}_ci_low"]) <= float(r[col]) <= float(r[f"{col}_ci_high"])
+            assert int(r[f"{col}_n"]) == 2
+    base = rows[0]
+    assert float(base["kl"]) == 0.0 and float(base["margin"]) == 0.0 and float(base["win_rate"]) == 0.5
+    assert all(float(r["kl"]) > 0 for r in rows[1:])
+    md = (out / "results.md").read_text()
+    for p in policies:
+        assert f"| {p} |" in md or f"| **{p}** |" in md
+    assert "seed 0" in md and "16 training pairs" in md and "4 held-out pairs" in md and "RewardTrainer" in md
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second call trains nothing and evaluates nothing
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.rglob("*.json") if "eval" in p.parts}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("must not run again")
+
+    monkeypatch.setattr("qadapter.pipeline.run_training", fail)
+    monkeypatch.setattr("qadapter.compare.train_reward_judge", fail)
+    again = run_comparison(out, job, config, **comparison_kwargs(setup))
+    assert again.trained == [] and again.computed == []
+    assert stamps == {p: os.stat(p).st_mtime_ns for p in stamps}
+    assert again.results["dpo"]["arc_easy"] == first.results["dpo"]["arc_easy"]
+
+    # a changed limit recomputes that evaluation only, for every policy
+    limits = {**{k: 2 for k in DEFAULT_LIMITS}, "arc_easy": 3}
+    changed = run_comparison(out, job, config, **comparison_kwargs(setup, limits=limits))
+    assert sorted(changed.computed) == sorted((p, "arc_easy") for p in policies)
+    assert changed.results["base"]["arc_easy"]["n"] == 3
+
+    # another judge re-judges the stored answers: nothing is generated again
+    from qadapter.evaluation import ConstantJudge
+
+    monkeypatch.setattr("qadapter.evaluation.generate_texts", fail)
+    monkeypatch.setattr("qadapter.evaluation.preference.generate_texts", fail)
+    rejudged = run_comparison(out, job, config, **comparison_kwargs(setup, limits=limits, train_judge=False,
+                                                                        judge=ConstantJudge(1.0)))
+    assert sorted(rejudged.computed) == sorted((p, "win_rate") for p in policies)
+    assert rejudged.results["dpo"]["win_rate"]["score"] == 1.0
+
+    # other training settings in the same folder are refused, not silently mixed
+    other_job, other_config = job_and_config(setup, learning_rate=5e-3)
+    with pytest.raises(ValueError, match="learning_rate"):
+        run_comparison(out, other_job, other_config, **comparison_kwargs(setup))
+
+
+def mc_result(task, correct, n_boot=200):
+    samples = [{"index": i, "gold": 0, "pred": 0 if c else 1} for i, c in enumerate(correct)]
+    return EvalResult(task, len(correct), {"acc": make_metric(correct, n_boot), "acc_norm": make_metric(correct, n_boot)},
+                      "acc", samples=samples).to_dict(samples=True)
+
+
+def pref_result(chosen_minus_rejected, margins):
+    x = np.asarray(chosen_minus_rejected, float)
+    acc = np.where(x > 0, 1.0, np.where(x < 0, 0.0, 0.5))
+    samples = [{"index": i, "logp_chosen": float(d), "logp_rejected": 0.0, "base_logp_chosen": 0.0,
+                "base_logp_rejected": 0.0, "margin": float(m)} for i, (d, m) in enumerate(zip(x, margins))]
+    metrics = {"margin_accuracy": make_metric(np.asarray(margins) > 0), "likelihood_accuracy": make_metric(acc),
+               "mean_margin": make_metric(margins), "base_likelihood_accuracy": make_metric(acc)}
+    return EvalResult("preferences", len(x), metrics, "margin_accuracy", samples=samples).to_dict(samples=True)
+
+
+def kl_result(values):
+    samples = [{"index": i, "kl": v} for i, v in enumerate(values)]
+    return EvalResult("kl_from_base", len(values), {"kl": make_metric(values)}, "kl", samples=samples).to_dict(samples=True)
+
+
+def test_tables_and_plot_from_hand_made_results(tmp_path):
+    results = {
+        "base": {"arc_easy": mc_result("arc_easy", [1, 1, 1, 1, 0, 0, 0, 0]), "mmlu0": mc_result("mmlu0", [1, 1, 0, 0]),
+                 "kl": kl_result([0.0, 0.0, 0.0]), "preferences": pref_result([1, -1, -1, -1], [0, 0, 0, 0])},
+        "qadapter": {"arc_easy": mc_result("arc_easy", [1, 1, 1, 1, 0, 0, 0, 0]), "mmlu0": mc_result("mmlu0", [1, 1, 0, 0]),
+                     "kl": kl_result([0.01, 0.02, 0.03]), "preferences": pref_result([1, 1, 1, -1], [1, 2, 3, -1])},
+        "sft": {"arc_easy": mc_result("arc_easy", [0, 0, 1, 1, 0, 0, 0, 0]), "mmlu0": mc_result("mmlu0", [0, 0, 0, 0]),
+                "kl": kl_result([0.5, 0.7, 0.9]), "preferences": pref_result([1, 1, -1, -1], [1, 1, -1, 1])},
+    }
+    trade = tradeoff(results, ["qadapter", "sft"], ["arc_easy", "mmlu0", "kl"])
+    assert trade["qadapter"]["retention_lost"]["value"] == 0.0
+    # sft: ARC-Easy drops 4/8 → 2/8 (0.25), MMLU 2/4 → 0/4 (0.5): mean drop 0.375, both positive in every resample
+    sft = trade["sft"]["retention_lost"]
+    assert sft["value"] == pytest.approx(0.375) and 0 < sft["ci_low"] <= 0.375 <= sft["ci_high"] and sft["paired"]
+    assert trade["qadapter"]["preference_gained"]["value"] == pytest.approx(0.5)   # 3/4 − 1/4
+    assert trade["sft"]["preference_gained"]["value"] == pytest.approx(0.25)       # 2/4 − 1/4
+    assert trade["sft"]["kl"]["value"] == pytest.approx(0.7) and trade["sft"]["win_rate"] is None
+
+    comparison = Comparison(tmp_path, ["qadapter", "sft"], ["arc_easy", "mmlu0", "kl"], results,
+                            info={"model": "tiny", "data": "pairs.jsonl", "train_seed": 3, "eval_seed": 3,
+                                  "split": {"seed": 3, "n_train_pairs": 90, "n_eval_pairs": 10, "n_train_prompts": 80,
+                                            "n_eval_prompts": 9},
+                                  "commands": ["qadapter compare --output-dir x --data pairs.jsonl"],
+                                  "limits": {"arc_easy": 8, "mmlu0": 4, "kl": 3, "preferences": None, "win_rate": 20}})
+    paths = write_results(comparison)
+    md = paths["md"].read_text()
+    assert "ARC-Easy (n=8)" in md and "MMLU 0-shot (n=4)" in md and "KL(π‖π1) (n=3)" in md
+    assert "| sft | 0.000 [0.000, 0.000] | 0.250 [" in md and "| **base** | 0.500 [" in md
+    assert "0.375 [" in md and "not measured" in md and "qadapter compare --output-dir x" in md
+    assert "90 training pairs" in md and "seed 3" in md and "preferences all" in md
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["policy"] for r in rows] == ["base", "qadapter", "sft"]
+    assert float(rows[2]["retention_lost"]) == pytest.approx(0.375) and rows[2]["win_rate"] == ""
+    assert float(rows[1]["preference_gained"]) == pytest.approx(0.5) and rows[1]["arc_easy_n"] == "8"
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["png"].stat().st_size > 10_000
+
+    # only a KL panel when no retention benchmark is selected
+    kl_only = Comparison(tmp_path / "kl", ["qadapter"], ["kl"], {p: {k: v for k, v in r.items() if k != "arc_easy" and
+                                                                     k != "mmlu0"} for p, r in results.items()})
+    assert write_results(kl_only)["png"].is_file()
+
+
+def test_parse_limits():
+    assert parse_limits(None) == DEFAULT_LIMITS
+    assert set(parse_limits(7).values()) == {7}
+    limits = parse_limits("30,mmlu5=5,preferences=all")
+    assert limits["arc_easy"] == 30 and limits["mmlu5"] == 5 and limits["preferences"] is None
+    assert parse_limits("gsm8k=3")["arc_easy"] == DEFAULT_LIMITS["arc_easy"]
+    with pytest.raises(ValueError, match="unknown"):
+        parse_limits("mmlu7=3")
+    with pytest.raises(ValueError):
+        parse_limits("0")
+
+
+def test_cli_passes_training_flags_through(tmp_path, monkeypatch, capsys):
+    from qadapter import cli
+
+    seen = {}
+
+    def fake(output_dir, job, config, **kw):
+        seen.update(output_dir=output_dir, job=job, config=config, **kw)
+        (tmp_path / "results.md").write_text("# fake results\n")
+        return Comparison(tmp_path, kw["methods"], kw["benchmarks"], {}, paths={"md": tmp_path / "results.md"})
+
+    monkeypatch.setattr("qadapter.compare.run_comparison", fake)
+    argv = ["compare", "--output-dir", str(tmp_path / "cmp"), "--model", "my-model", "--data", "p.jsonl",
+            "--methods", "qadapter,dpo", "--learning_rate", "0.01", "--max_steps", "3", "--lora_r", "4",
+            "--seed", "5", "--eval-limit", "3,kl=2", "--benchmarks", "arc_easy,kl", "--train-judge",
+            "--judge-steps", "7"]
+    assert cli.main(argv) == 0
+    assert "# fake results" in capsys.readouterr().out
+    job, config = seen["job"], seen["config"]
+    assert job.model == "my-model" and job.data == "p.jsonl"
+    assert config.learning_rate == 0.01 and config.max_steps == 3 and config.lora_r == 4 and config.seed == 5
+    assert config.max_length == 128  # the default preset still applies to what was not given
+    assert seen["methods"] == ["qadapter", "dpo"] and seen["benchmarks"] == ["arc_easy", "kl"]
+    assert seen["limits"] == "3,kl=2" and seen["train_judge"] and seen["judge_steps"] == 7
+    assert "--learning_rate 0.01" in seen["command"] and seen["command"].startswith("qadapter compare --output-dir")
+    assert "--lora_r" in seen["train_argv"]
+    # compare owns --method / --output_dir of each run
+    assert cli.main(["compare", "--output-dir", str(tmp_path), "--method", "sft"]) == 2
