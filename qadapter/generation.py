@@ -1,0 +1,563 @@
+"""Decoding from the customized policy π̃ of eq. (1), with Hugging Face ``generate()`` semantics.
+
+    π̃(a|s) = softmax_a((Q̂(s,a) + α0 · log π1(a|s)) / α̃)
+
+Q̂ = the logits of the model *with* the LoRA adapter, log π1 = the log-softmax of the *same* model with
+the adapter disabled. Every step needs both, so a naive loop runs the network twice per token.
+
+Two interchangeable engines produce the next-token logits; everything else (prompt handling, logits
+processors, sampling, stopping, streaming, output) is one shared loop, so the two engines differ in
+nothing but how the logits are computed:
+
+* **fast** (default): ONE forward per token for BOTH branches, with ONE KV cache. The batch holds
+  every prompt twice: rows ``0..B-1`` are the base branch (π1), rows ``B..2B-1`` the adapter branch
+  (Q̂). During each forward every LoRA ``Linear`` computes ``base_layer(x)`` for all rows and adds
+  ``lora_B(lora_A(x)) · scaling`` to the adapter rows only (:class:`split_rows`), so the base
+  weights are read once per step for both branches. Every row computes exactly what it would
+  compute alone: in a decoder nothing mixes batch rows (attention, norms and MLPs are per row, the
+  KV cache is per row), and the per-row operations are PEFT's own. Layers :class:`split_rows` does
+  not handle (LoRA on embeddings, LoRA variants) use PEFT's mixed-adapter batch
+  (``adapter_names=["__base__"]*B + [adapter]*B``), the same computation with more per-step
+  overhead; where PEFT cannot mix either (DoRA, merged adapters) decoding falls back to the
+  reference engine. Policies that need one branch only (``"base"``, ``"adapter"``, or
+  ``"customized"`` with α0 = 0, where log π1 does not enter eq. (1)) run B rows.
+* **reference** (``fast=False``): two separate forwards per token through the public PEFT model, each
+  branch with its own KV cache (adapter enabled, then inside ``disable_adapter()``).
+
+Both engines compute the same function; in floating point their logits agree to rounding (bitwise
+in our checks at batch >= 2; ~1e-5 at batch 1, where the matrix kernels for one row and for two rows
+sum in different orders), and they produce identical tokens (the tests check this, and also against
+a cache-free full recompute of eq. (1) at every step). A model must not be used by other code while
+``generate`` runs on it (its LoRA layers are switched per forward, as PEFT's own
+``disable_adapter()`` does).
+
+Special settings (see ``docs/generation.md``): ``policy="base"`` samples π1 itself (the adapter
+disabled; identical to the base model's own ``generate()``); ``policy="adapter"`` samples
+softmax(Q̂) (the adapter model's own ``generate()``), as does ``policy="customized"`` with α0 = 0,
+α̃ = 1; with an untrained adapter (Q̂ = base logits) ``"customized"`` is π1 sharpened by
+(1 + α0)/α̃, so α̃ = 1 + α0 recovers π1 exactly in distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .objective import composed_logits
+
+POLICIES = ("customized", "base", "adapter")
+
+# ----------------------------------------------------------------------------------------- prompts
+
+
+def _is_messages(obj) -> bool:
+    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(m, dict) for m in obj)
+
+
+def _is_ids(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.dim() == 1
+    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(t, int) for t in obj)
+
+
+def normalize_prompts(prompts) -> list:
+    """One prompt or a batch of them -> a list of prompts.
+
+    A prompt is a string (one user turn), a list of message dicts (a conversation), or a sequence
+    of token ids (used as is). A 2-D tensor is a batch of unpadded id rows.
+    """
+    if isinstance(prompts, str) or _is_messages(prompts) or _is_ids(prompts):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"a tensor of prompt ids must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
+        return list(prompts)
+    if isinstance(prompts, (list, tuple)) and len(prompts) > 0:
+        for p in prompts:
+            if not (isinstance(p, str) or _is_messages(p) or _is_ids(p)):
+                raise TypeError(f"cannot read a prompt of type {type(p).__name__}: give a string, a list of "
+                                "message dicts or a list of token ids")
+        return list(prompts)
+    raise TypeError("prompts must be a string, a list of message dicts, token ids, or a non-empty list of these")
+
+
+def render_messages(tokenizer, messages) -> str:
+    """The chat template with the generation prompt; without a template, ``Role: content`` lines
+    ending in ``Assistant:`` (the same fallback as :mod:`qadapter.evaluation`)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return text if isinstance(text, str) else text[0]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\nAssistant:"
+
+
+def encode_prompt(tokenizer, prompt, raw_text: bool = False) -> list[int]:
+    """Token ids of one prompt.
+
+    Token ids are used as they are; a list of message dicts is rendered with the chat template and
+    the generation prompt; a string is one user turn (with ``raw_text=True``: text tokenized as is,
+    without special tokens; with a tokenizer that has no chat template: plain text, with the
+    tokenizer's usual special tokens, e.g. BOS).
+    """
+    if _is_ids(prompt):
+        return [int(t) for t in prompt]
+    if isinstance(prompt, str):
+        if raw_text:
+            return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not getattr(tokenizer, "chat_template", None):
+            return list(tokenizer(prompt)["input_ids"])
+        prompt = [{"role": "user", "content": prompt}]
+    return list(tokenizer(render_messages(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id rows to a (B, P) batch; returns (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError("empty prompt")
+        ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, torch.Tensor):
+        return [int(v) for v in x.reshape(-1).tolist()]
+    if isinstance(x, (list, tuple, set)):
+        return [int(v) for v in x]
+    return [int(x)]
+
+
+def eos_token_ids(model, tokenizer, override=None) -> list[int]:
+    """End-of-turn ids: ``override`` if given, else the union of the model's generation config's
+    ``eos_token_id`` (an int or a list) and the tokenizer's ``eos_token_id``."""
+    if override is not None:
+        return _as_list(override)
+    ids: list[int] = []
+    gen_cfg = getattr(_inner_model(model), "generation_config", None)
+    for source in (getattr(gen_cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for t in _as_list(source):
+            if t not in ids:
+                ids.append(t)
+    return ids
+
+
+def _pad_id(model, tokenizer, eos: list[int]) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None),
+                      getattr(getattr(_inner_model(model), "generation_config", None), "pad_token_id", None)):
+        if candidate is not None:
+            return int(_as_list(candidate)[0])
+    return eos[0] if eos else 0
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def _inner_model(model):
+    """The transformers model (with LoRA layers injected, for a PEFT model)."""
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _cache_kwarg(inner) -> str:
+    """transformers >= 5 names the cache argument ``cache``; older versions ``past_key_values``."""
+    params = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(inner):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=inner.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def _fast_plan(model, adapter: str):
+    """How the fast engine computes both branches in one batch.
+
+    ``("split", layers)`` when every LoRA layer of ``adapter`` is a plain (vanilla, unmerged) LoRA
+    ``Linear`` (then :class:`split_rows` applies the adapter to the adapter rows only);
+    ``("peft", None)`` (PEFT's mixed-adapter batch) for other layer types PEFT's mixed batch
+    supports (e.g. LoRA on embeddings, LoRA variants); ``("reference", None)`` where neither applies
+    (DoRA, merged adapters): then decoding falls back to the two-forward reference.
+    """
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover
+        return "reference", None
+    layers, plain = [], True
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if getattr(module, "use_dora", {}).get(adapter, False) or getattr(module, "merged", False):
+            return "reference", None
+        if "forward" in module.__dict__:  # someone (e.g. accelerate) already wraps this layer's forward
+            plain = False
+        if adapter in getattr(module, "lora_embedding_A", {}) or (
+                adapter in module.lora_A and (type(module) is not LoraLinear
+                                              or adapter in getattr(module, "lora_variant", {}))):
+            plain = False
+        elif adapter in module.lora_A:
+            layers.append(module)
+    return ("split", layers) if plain else ("peft", None)
+
+
+def _split_rows_forward(module, split: int, adapter: str):
+    """A forward for one LoRA ``Linear`` that applies the adapter to rows ``split:`` only.
+
+    Rows ``:split`` get ``base_layer(x)`` (what PEFT computes with the adapter disabled), rows
+    ``split:`` get ``base_layer(x) + lora_B(lora_A(x)) · scaling`` (what PEFT computes with it enabled;
+    dropout is the identity in eval mode). Same operations, operand shapes and dtype casts as
+    ``peft.tuners.lora.Linear.forward``, minus its per-call bookkeeping: this runs 2 × layers × tokens
+    times per generation, so it calls ``F.linear`` directly where the modules are plain ``nn.Linear``.
+    """
+    base_layer, lora_A, lora_B = module.base_layer, module.lora_A[adapter], module.lora_B[adapter]
+    scaling = module.scaling[adapter]
+    lora_dtype = lora_A.weight.dtype
+    plain = type(base_layer) is torch.nn.Linear and type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
+    if plain:
+        W, b, A, A_b, B_w, B_b = (base_layer.weight, base_layer.bias, lora_A.weight, lora_A.bias,
+                                  lora_B.weight, lora_B.bias)
+
+        def forward(x, *args, **kwargs):
+            result = F.linear(x, W, b)
+            rows = x[split:]
+            if rows.dtype != lora_dtype:
+                rows = rows.to(lora_dtype)
+            delta = F.linear(F.linear(rows, A, A_b), B_w, B_b) * scaling
+            result[split:] += delta.to(result.dtype)
+            return result
+    else:
+        def forward(x, *args, **kwargs):
+            result = base_layer(x, *args, **kwargs)
+            delta = lora_B(lora_A(x[split:].to(lora_dtype))) * scaling
+            result[split:] += delta.to(result.dtype)
+            return result
+
+    return forward
+
+
+class split_rows:
+    """Context manager: within the block, every LoRA layer in ``layers`` applies ``adapter`` to batch
+    rows ``split:`` only (rows ``:split`` see the base model). Re-enterable; the per-layer forwards
+    are built once, so entering and leaving costs two dict operations per layer."""
+
+    def __init__(self, layers, split: int, adapter: str):
+        self.forwards = [(layer, _split_rows_forward(layer, split, adapter)) for layer in layers]
+
+    def __enter__(self):
+        try:
+            for layer, forward in self.forwards:
+                layer.forward = forward
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for layer, _ in self.forwards:
+            layer.__dict__.pop("forward", None)
+
+
+# ----------------------------------------------------------------------------------------- engines
+
+
+def _active_adapter(model) -> str:
+    active = model.active_adapter
+    return active if isinstance(active, str) else model.active_adapters[0]
+
+
+def _fast_supported(model, policy: str, alpha_0: float) -> bool:
+    """False only where both branches are needed and the adapter cannot share a batch (DoRA, merged)."""
+    if not _is_peft(model) or policy != "customized" or alpha_0 == 0.0:
+        return True
+    return _fast_plan(model, _active_adapter(model))[0] != "reference"
+
+
+class _Engine:
+    """Produces the next-token logits of the chosen policy, (B, V) float32.
+
+    ``prefill(input_ids, attention_mask, total_len)`` runs the (B, P) left-padded prompts and returns
+    the logits for the first new token; ``step(tokens)`` feeds the (B,) tokens just chosen and returns
+    the logits for the next one. Positions ignore the left padding; the attention mask of every
+    later token is 1 (as in transformers, finished rows keep being fed padding tokens).
+    """
+
+    def __init__(self, model, policy: str, alpha_0: float, alpha_tilde: float):
+        self.model = model
+        self.inner = _inner_model(model)
+        self.cache_kw = _cache_kwarg(self.inner)
+        self.policy, self.alpha_0, self.alpha_tilde = policy, alpha_0, alpha_tilde
+
+    def compose(self, q: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
+        if self.policy == "base":
+            return base
+        if self.policy == "adapter":
+            return q
+        if base is None:  # α0 = 0: log π1 does not enter eq. (1)
+            return q if self.alpha_tilde == 1.0 else q / self.alpha_tilde
+        return composed_logits(q, F.log_softmax(base, dim=-1), self.alpha_0, self.alpha_tilde)
+
+    def _buffers(self, attention_mask: torch.Tensor, total_len: int, copies: int):
+        """(copies·B, total_len) attention mask buffer and the (copies·B, P) prompt positions."""
+        B, P = attention_mask.shape
+        self.mask = torch.ones((copies * B, total_len), dtype=attention_mask.dtype, device=attention_mask.device)
+        self.mask[:, :P] = attention_mask.repeat(copies, 1)
+        positions = (self.mask[:, :P].cumsum(-1) - 1).clamp(min=0)
+        self.next_pos = positions[:, -1:] + 1
+        self.length = P
+        return self.mask[:, :P], positions
+
+    def _advance(self):
+        """Mask and positions for the token about to be fed (then moves on by one)."""
+        self.length += 1
+        positions = self.next_pos
+        self.next_pos = positions + 1
+        return self.mask[:, :self.length], positions
+
+    def close(self):
+        pass
+
+
+class _FastEngine(_Engine):
+    """One forward per token for both branches, one KV cache (see the module docstring)."""
+
+    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int):
+        super().__init__(model, policy, alpha_0, alpha_tilde)
+        self.B = batch_size
+        peft = _is_peft(model)
+        if policy == "base" or not peft:
+            self.branches = ("base",)
+        elif policy == "adapter" or alpha_0 == 0.0:
+            self.branches = ("adapter",)
+        else:
+            self.branches = ("base", "adapter")
+        self.two = len(self.branches) == 2
+        self.cache = _new_cache(self.inner)
+        self._stack = contextlib.ExitStack()
+        self.adapter_names = None
+        self.context = contextlib.nullcontext()  # entered around every forward
+        if peft and self.branches == ("base",):
+            self._stack.enter_context(model.disable_adapter())
+        elif self.two:
+            adapter = _active_adapter(model)
+            plan, layers = _fast_plan(model, adapter)
+            if plan == "peft":  # PEFT's own mixed-adapter batch
+                self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
+            else:
+                self.context = split_rows(layers, self.B, adapter)
+
+    def _forward(self, ids, mask, positions):
+        kwargs = {self.cache_kw: self.cache}
+        if self.adapter_names is not None:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, adapter_names=self.adapter_names, **kwargs)
+        else:
+            with self.context:
+                out = self.inner(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, **kwargs)
+        logits = out.logits[:, -1].float()
+        if self.two:
+            return self.compose(logits[self.B:], logits[:self.B])
+        if self.branches == ("base",):
+            return self.compose(None, logits)
+        return self.compose(logits, None)
+
+    def prefill(self, input_ids, attention_mask, total_len):
+        copies = 2 if self.two else 1
+        mask, positions = self._buffers(attention_mask, total_len, copies)
+        return self._forward(input_ids.repeat(copies, 1) if self.two else input_ids, mask, positions)
+
+    def step(self, tokens):
+        mask, positions = self._advance()
+        ids = (tokens.repeat(2) if self.two else tokens)[:, None]
+        return self._forward(ids, mask, positions)
+
+    def close(self):
+        self._stack.close()
+
+
+class _ReferenceEngine(_Engine):
+    """Two separate forwards per token through the public PEFT model, one KV cache per branch."""
+
+    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int):
+        super().__init__(model, policy, alpha_0, alpha_tilde)
+        self.peft = _is_peft(model)
+        self.need_q = policy != "base"
+        self.need_base = policy != "adapter"
+        self.cache_q, self.cache_base = _new_cache(self.inner), _new_cache(self.inner)
+
+    def _run(self, cache, ids, mask, positions):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.cache_kw: cache})
+        return out.logits[:, -1].float()
+
+    def _both(self, ids, mask, positions):
+        q = self._run(self.cache_q, ids, mask, positions) if self.need_q else None
+        base = None
+        if self.need_base:
+            with self.model.disable_adapter() if self.peft else contextlib.nullcontext():
+                base = self._run(self.cache_base, ids, mask, positions)
+        return self.compose(q, base)
+
+    def prefill(self, input_ids, attention_mask, total_len):
+        mask, positions = self._buffers(attention_mask, total_len, 1)
+        return self._both(input_ids, mask, positions)
+
+    def step(self, tokens):
+        mask, positions = self._advance()
+        return self._both(tokens[:, None], mask, positions)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def _logits_processors(prompt_len, min_new_tokens, eos, device, do_sample, temperature, top_k, top_p):
+    from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if min_new_tokens and eos:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, min_new_tokens, eos, device=device))
+    if do_sample:  # same order as transformers' generate()
+        if temperature is not None and temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k != 0:
+            procs.append(TopKLogitsWarper(top_k=top_k))
+        if top_p is not None and top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=top_p))
+    return procs
+
+
+def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, max_new_tokens: int = 128,
+             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, stop_strings: str | Sequence[str] | None = None, streamer=None,
+             seed: int | None = None, fast: bool = True, return_ids: bool = False, policy: str = "customized",
+             eos_token_id: int | Sequence[int] | None = None, raw_text: bool = False):
+    """Generate from the customized policy π̃ = softmax((Q̂ + α0·log π1)/α̃) (eq. 1).
+
+    Args:
+        model: a ``peft.PeftModel`` (Q̂ = its logits with the active adapter, π1 = with the adapter
+            disabled). A plain transformers model is accepted with ``policy="base"``.
+        tokenizer: its tokenizer (a chat template is used for messages and strings).
+        prompts: one prompt or a list of them. A prompt is a string (a single user turn), a list of
+            message dicts (chat template with the generation prompt), or token ids (used as is).
+            A 2-D tensor is a batch of (unpadded, equal-length) id rows.
+        alpha_0, alpha_tilde: α0 and α̃ of eq. (1) for this call.
+        max_new_tokens, min_new_tokens: bounds on the new tokens (the end-of-turn token is suppressed
+            until ``min_new_tokens`` are out, as in transformers).
+        do_sample, temperature, top_k, top_p: transformers' sampling, applied to the composed logits
+            (so the effective temperature is α̃ · temperature). ``top_k=None`` means no top-k filter
+            (transformers' ``generate()`` would default to 50). Greedy when ``do_sample`` is False.
+        stop_strings: a string or list; a row stops at the token that completes one (transformers'
+            ``StopStringCriteria``; the stop string is part of the output, as in transformers).
+        streamer: an object with ``put(ids)`` / ``end()`` (transformers' ``TextStreamer`` protocol:
+            first the (B, P) prompt ids, then each step's (B,) new tokens).
+        seed: seeds a private ``torch.Generator`` for sampling (the global RNG is untouched); without
+            it, sampling draws from torch's global RNG exactly like transformers' ``generate()``.
+        fast: one forward per token for both branches (default) or the two-forward reference.
+        return_ids: also return the new token ids of each prompt.
+        policy: ``"customized"`` (π̃), ``"base"`` (π1, adapter disabled) or ``"adapter"`` (softmax Q̂).
+        eos_token_id: end-of-turn id(s); default: the generation config's and the tokenizer's.
+            ``[]`` disables stopping at an end-of-turn token.
+        raw_text: strings are raw text, tokenized as is (no chat template, no special tokens), as
+            :mod:`qadapter.evaluation`'s policy interface defines them.
+    Returns:
+        A list of strings, one per prompt, holding the new text only (special tokens skipped); with
+        ``return_ids``, a tuple (texts, ids) where ids are the new token ids of each prompt, up to
+        and including the token that ended it.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if alpha_tilde <= 0:
+        raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
+    if do_sample and (temperature is None or temperature <= 0):
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not _is_peft(model) and policy != "base":
+        raise ValueError(f"policy={policy!r} needs a peft.PeftModel (got {type(model).__name__}); use policy='base'")
+    if max_new_tokens < 0 or min_new_tokens < 0:
+        raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
+
+    prompt_list = normalize_prompts(prompts)
+    inner = _inner_model(model)
+    device = next(inner.parameters()).device
+    eos = eos_token_ids(model, tokenizer, eos_token_id)
+    pad_id = _pad_id(model, tokenizer, eos)
+    rows = [encode_prompt(tokenizer, p, raw_text) for p in prompt_list]
+    input_ids, attention_mask = left_pad(rows, pad_id, device)
+    B, P = input_ids.shape
+    if max_new_tokens == 0:
+        return ([""] * B, [[] for _ in range(B)]) if return_ids else [""] * B
+
+    processors = _logits_processors(P, min_new_tokens, eos, device, do_sample, temperature, top_k, top_p)
+    stop = None
+    if stop_strings:
+        from transformers import StopStringCriteria
+        stop = StopStringCriteria(tokenizer, [stop_strings] if isinstance(stop_strings, str) else list(stop_strings))
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+
+    was_training = model.training
+    model.eval()
+    Engine = _FastEngine if fast and _fast_supported(model, policy, alpha_0) else _ReferenceEngine
+    engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B)
+    try:
+        with torch.inference_mode():
+            seqs = torch.empty((B, P + max_new_tokens), dtype=torch.long, device=device)
+            seqs[:, :P] = input_ids
+            unfinished = torch.ones(B, dtype=torch.bool, device=device)
+            lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+            pad_t = torch.tensor(pad_id, dtype=torch.long, device=device)
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+
+            logits = engine.prefill(input_ids, attention_mask, P + max_new_tokens)
+            for step in range(max_new_tokens):
+                cur = P + step
+                scores = processors(seqs[:, :cur], logits) if processors else logits
+                if do_sample:
+                    probs = F.softmax(scores, dim=-1)
+                    tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                else:
+                    tokens = scores.argmax(dim=-1)
+                tokens = torch.where(unfinished, tokens, pad_t)
+                seqs[:, cur] = tokens
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                done = torch.isin(tokens, eos_t) if eos_t is not None else torch.zeros_like(unfinished)
+                if stop is not None:
+                    done = done | stop(seqs[:, :cur + 1], None).to(device)
+                done = done & unfinished
+                lengths = torch.where(done, step + 1, lengths)
+                unfinished = unfinished & ~done
+                if step + 1 == max_new_tokens or not bool(unfinished.any()):
+                    break
+                logits = engine.step(tokens)
+            if streamer is not None:
+                streamer.end()
+    finally:
+        engine.close()
+        if was_training:
+            model.train()
+
+    lengths = lengths.tolist()
+    new_ids = [seqs[i, P:P + lengths[i]].tolist() for i in range(B)]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    return (texts, new_ids) if return_ids else texts
