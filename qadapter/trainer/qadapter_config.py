@@ -31,6 +31,16 @@ class QAdapterConfig(TrainingArguments):
         "help": "Reproduce the authors' objective exactly, quirks included (Q(s_t) paired with V(s_t), the "
                 "response mask shifted by one, returns divided by the padded micro-batch length - 1). "
                 "See docs/method.md."})
+    # --- speed and memory (exact: the loss and its gradients do not change; see bench/NOTES.md)
+    share_prompt: bool = field(default=True, metadata={
+        "help": "Run each prompt once per pair instead of once per response: every pair once as [prompt | "
+                "chosen | rejected], several pairs to a row, with a block attention mask, in both the adapter "
+                "and the base pass. Falls back to one row per response for flash attention and models it "
+                "does not support."})
+    fused_head: bool = field(default=True, metadata={
+        "help": "Compute Q-values and soft values in chunks from the hidden states, never holding the "
+                "(positions x vocabulary) logits, and only at real (unpadded) response states. Falls back "
+                "to the logits for heads it does not support (adapted or post-processed heads, ZeRO-3)."})
     # --- data
     max_length: int = field(default=512, metadata={"help": "Max tokens of prompt + response; the prompt is cut from the left."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Optional cap on prompt tokens (cut from the left)."})

@@ -8,15 +8,17 @@ the loss step (:func:`qadapter_step`), metric logging with TRL's names, and the 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
-from ..modeling import CONFIG_NAME, QAdapterSettings, base_fingerprint, causal_lm_logits, lora_config
-from ..objective import (implied_rewards, length_normalizers, preference_loss, reference_compat_loss,
-                         soft_values, taken)
+from ..modeling import CONFIG_NAME, QAdapterSettings, base_fingerprint, lora_config, position_ids_from_mask
+from ..objective import (composed_logits, implied_rewards, length_normalizers, preference_loss,
+                         reference_compat_loss, soft_values)
 from .qadapter_config import QAdapterConfig
 
 
@@ -55,9 +57,296 @@ class PreferencePairCollator:
 
 
 def _unwrap(model):
-    while hasattr(model, "module"):  # DDP / DeepSpeed engines
+    while hasattr(model, "module"):  # DDP / FSDP (FSDP1) / DeepSpeed engines
         model = model.module
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The step. It asks three questions the straightforward step never had to:
+#
+# * which states to score: only those of real response tokens (``needed``), the same set in
+#   every path, so every path computes the same loss;
+# * how to lay the batch out (``_Layout``): the collated 2B rows as they are (``_plain_layout``),
+#   or every pair once as [prompt | chosen | rejected], several pairs to a row, with a block
+#   attention mask that keeps pairs apart and hides the chosen block from the rejected one
+#   (``_packed_layout``): each prompt runs once per pair instead of twice, in both passes
+#   (gradients reach it from both responses), and no padding is computed inside a row;
+# * how to go from the hidden states to Q̂(s, a) and V(s) (``_q_and_values``): through the
+#   model's logits, or through a fused, row-chunked head (``_FusedQHead``) that never holds a
+#   (rows, positions, vocabulary) tensor and skips padded positions.
+#
+# Every pass goes through the (possibly DDP/FSDP/DeepSpeed-wrapped) model's own forward; the fused
+# head runs inside it, in place of the output embedding's forward, so wrappers that gather sharded
+# weights around a module's forward see it. The fast paths are taken only for models whose forward
+# they understand (a PEFT model with a LoRA-style adapter, SDPA or eager attention, a plain Linear
+# head); anything else, e.g. a custom wrapper module that edits the logits, gets the
+# straightforward step. tests/test_train_exact.py checks that each path gives the straightforward
+# step's loss and adapter gradients.
+# ----------------------------------------------------------------------------------------------
+
+#: Bytes of one float32 (rows, vocabulary) tile of the fused head; about three are alive at once.
+FUSED_HEAD_TILE_BYTES = 64 * 2**20
+#: Rows of the shared-prompt layout hold several pairs up to this many tokens (or the longest pair).
+#: Longer rows waste less on padding but spend more on attention between pairs (masked, yet computed).
+PACK_ROW_TOKENS = 1024
+
+# Config attributes by which some architectures post-process the output of their LM head (the
+# fused head would skip that); a model with any of them set takes the logits path.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling",
+                         "output_multiplier", "lm_head_multiplier")
+
+
+def _peft_model(model):
+    """The PEFT model inside ``model`` when the fast paths know its forward, else None."""
+    from peft import PeftModel
+
+    inner = _unwrap(model)
+    if not isinstance(inner, PeftModel) or not isinstance(inner.active_adapter, str):
+        return None
+    config = inner.peft_config.get(inner.active_adapter)
+    if config is None or config.is_prompt_learning:  # virtual tokens would shift every column
+        return None
+    return inner
+
+
+def _text_config(peft_model):
+    config = peft_model.get_base_model().config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attention_kind(peft_model, longest_pair: int) -> str | None:
+    """'sdpa' or 'eager' when a custom 4D attention mask is honoured as given, else None (flash
+    attention takes no 4D mask; a sliding window shorter than a pair would be lost under it)."""
+    text = _text_config(peft_model)
+    kind = getattr(text, "_attn_implementation", None) or getattr(peft_model.get_base_model().config,
+                                                                  "_attn_implementation", None)
+    if kind not in ("sdpa", "eager"):
+        return None
+    window = getattr(text, "sliding_window", None)
+    if window is not None and getattr(text, "use_sliding_window", True) and longest_pair > window:
+        return None
+    return kind
+
+
+def _full(tensor):
+    """A plain tensor: an FSDP2 parameter still sharded when the head runs (a DTensor) is gathered."""
+    return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") else tensor
+
+
+def _fusable_head(peft_model):
+    """The output-embedding module when the fused head computes exactly what it computes, else None."""
+    base = peft_model.get_base_model()
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or "forward" in head.__dict__:  # adapted / wrapped / hooked heads
+        return None
+    weight = head.weight
+    if weight.requires_grad or weight.device.type == "meta" or hasattr(weight, "ds_id"):  # trained, offloaded, ZeRO-3
+        return None
+    text = _text_config(peft_model)
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return None
+    return head
+
+
+@contextmanager
+def _head_forward(head, fn):
+    """Temporarily run ``fn`` instead of ``head.forward`` (module hooks still run around it)."""
+    head.forward = fn
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+class _FusedQHead(torch.autograd.Function):
+    """V(s) = α̃·logsumexp((Q̂(s,·) + α0·log π1(·|s))/α̃) and Q̂(s, a) for given actions, from the hidden
+    states of the adapter pass (``hidden``, with grad) and of the base pass (``base_hidden``), in
+    row chunks: at most a few (chunk, vocabulary) float32 tiles are alive, and the backward recomputes
+    the tiles instead of keeping them. Per chunk the forward uses exactly the logits path's ops
+    (linear, ``.float()``, ``log_softmax``, :func:`soft_values`, ``gather``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, base_hidden, weight, bias, actions, alpha_0, alpha_tilde, chunk):
+        n = hidden.shape[0]
+        values = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        q_taken = torch.empty(actions.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            q = F.linear(hidden[rows], weight, bias).float()
+            log_pi1 = F.log_softmax(F.linear(base_hidden[rows], weight, bias).float(), dim=-1)
+            z = composed_logits(q, log_pi1, alpha_0, alpha_tilde)
+            del log_pi1
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            values[rows] = alpha_tilde * lse[rows]
+            q_taken[rows] = q.gather(-1, actions[rows])
+            del q, z
+        device_type = hidden.device.type
+        ctx.autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        ctx.save_for_backward(hidden, base_hidden, weight, bias, actions, lse)
+        ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = alpha_0, alpha_tilde, chunk
+        return values, q_taken
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_q_taken):
+        hidden, base_hidden, weight, bias, actions, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        grad_hidden = torch.empty_like(hidden)
+        device_type = hidden.device.type
+        with torch.autocast(device_type, enabled=ctx.autocast is not None, **({"dtype": ctx.autocast} if ctx.autocast else {})):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                rows = slice(start, min(start + ctx.chunk, hidden.shape[0]))
+                q = F.linear(hidden[rows], weight, bias).float()
+                log_pi1 = F.log_softmax(F.linear(base_hidden[rows], weight, bias).float(), dim=-1)
+                z = composed_logits(q, log_pi1, ctx.alpha_0, ctx.alpha_tilde)
+                del q, log_pi1
+                # dV/dQ̂(s,·) = softmax(z): the α̃ of V and the 1/α̃ inside z cancel.
+                grad_q = z.sub_(lse[rows, None]).exp_().mul_(grad_values[rows, None])
+                grad_q.scatter_add_(-1, actions[rows], grad_q_taken[rows])
+                grad_hidden[rows] = (grad_q.to(weight.dtype if ctx.autocast is None else ctx.autocast)
+                                     @ weight.to(ctx.autocast or weight.dtype)).to(hidden.dtype)
+                del z, grad_q
+        return grad_hidden, None, None, None, None, None, None, None
+
+
+@dataclass
+class _Layout:
+    """Model inputs, the states to project (``kept`` columns, ``valid`` per row) and their actions,
+    and where each (row, response column) of the collated batch finds its state: ``row_of`` (2B, 1)
+    or (2B, L) into the layout's rows, ``col`` (2B, L) into ``kept``, ``slot`` (2B, L) into the last
+    axis of ``actions``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    kept: torch.Tensor
+    valid: torch.Tensor
+    actions: torch.Tensor
+    row_of: torch.Tensor
+    col: torch.Tensor
+    slot: torch.Tensor
+
+
+def _plain_layout(input_ids, attention_mask, actions, needed, first_state) -> _Layout:
+    """The collated 2B rows as they are: response column j of every row is scored from column
+    ``first_state + j``."""
+    rows, width_l = actions.shape
+    device = input_ids.device
+    return _Layout(input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                   kept=torch.arange(first_state, first_state + width_l, device=device), valid=needed,
+                   actions=actions.unsqueeze(-1), row_of=torch.arange(rows, device=device)[:, None],
+                   col=torch.arange(width_l, device=device).expand(rows, width_l),
+                   slot=torch.zeros((rows, width_l), dtype=torch.long, device=device))
+
+
+def _packed_layout(input_ids, attention_mask, actions, needed, width_p, first_state, pad_token_id,
+                   attention_kind, mask_dtype) -> _Layout:
+    """Pairs packed into rows, each pair once as [prompt | chosen | rejected], no padding inside.
+
+    Pairs go into rows of ``max(longest pair, PACK_ROW_TOKENS)`` tokens, longest first, each into
+    the first row it fits (first-fit decreasing); rows are right-padded to the fullest one. Position
+    ids restart after the prompt for each response, and the 4D mask lets a token see only earlier
+    tokens of its own pair, a rejected token not the chosen ones, so every token computes exactly
+    what it computes in its own row of the plain layout. With ``first_state = width_p - 1`` the last
+    prompt state scores the first token of both responses (two action slots).
+    """
+    half, width_l = input_ids.shape[0] // 2, actions.shape[1]
+    width_c, device = input_ids.shape[1], input_ids.device
+    plen = attention_mask[:half, :width_p].sum(-1).tolist()
+    resp = needed.sum(-1).tolist()
+    len_c, len_r = resp[:half], resp[half:]
+    sizes = [plen[i] + len_c[i] + len_r[i] for i in range(half)]
+    capacity = max(max(sizes), PACK_ROW_TOKENS)
+    fill, where = [], [None] * half
+    for i in sorted(range(half), key=lambda i: -sizes[i]):
+        row = next((r for r, used in enumerate(fill) if used + sizes[i] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        where[i], fill[row] = (row, fill[row]), fill[row] + sizes[i]
+    n_rows, width = len(fill), max(fill)
+
+    # Per packed slot: the flat index of its token in the collated batch, its position, its pair, its block.
+    src = torch.full((n_rows, width), -1, dtype=torch.long)
+    pos = torch.zeros((n_rows, width), dtype=torch.long)
+    pair = torch.full((n_rows, width), -1, dtype=torch.long)
+    block = torch.zeros((n_rows, width), dtype=torch.long)
+    # Per (collated row, response column): the packed row and column of the state that scores it.
+    state_row = torch.zeros((2 * half, width_l), dtype=torch.long)
+    state_col = torch.zeros((2 * half, width_l), dtype=torch.long)
+    slot = torch.zeros((2 * half, width_l), dtype=torch.long)
+    off = first_state - width_p  # -1 (default: s_t precedes a_t) or 0 (compat: the state at the token)
+    for i, (row, start) in enumerate(where):
+        p, c, r = plen[i], len_c[i], len_r[i]
+        segments = ((i * width_c + width_p - p, 0, p, 0), (i * width_c + width_p, p, c, 1),
+                    ((half + i) * width_c + width_p, p, r, 2))
+        at = start
+        for first_src, first_pos, n, kind in segments:
+            src[row, at:at + n] = first_src + torch.arange(n)
+            pos[row, at:at + n] = first_pos + torch.arange(n)
+            pair[row, at:at + n], block[row, at:at + n] = i, kind
+            at += n
+        j_c, j_r = torch.arange(c), torch.arange(r)
+        state_row[i, :c], state_row[half + i, :r] = row, row
+        state_col[i, :c] = start + p + off + j_c  # for j = 0 and off = -1: the last prompt token
+        shared = off + j_r < 0
+        state_col[half + i, :r] = torch.where(shared, start + p - 1, start + p + c + off + j_r)
+        slot[half + i, :r] = shared.long()  # the shared state: the rejected action goes to slot 1
+
+    src, pos, pair, block = (t.to(device) for t in (src, pos, pair, block))
+    state_row, state_col, slot = (t.to(device) for t in (state_row, state_col, slot))
+    ids = torch.where(src >= 0, input_ids.reshape(-1)[src.clamp(min=0)], torch.full_like(src, pad_token_id))
+    allowed = torch.ones((width, width), dtype=torch.bool, device=device).tril()[None]
+    allowed = allowed & (pair[:, :, None] == pair[:, None, :]) & (pair[:, None, :] >= 0)
+    allowed &= ~((block[:, :, None] == 2) & (block[:, None, :] == 1))
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding queries see themselves: no NaN
+    allowed = allowed[:, None]  # (rows, 1, T, T)
+    if attention_kind == "eager":
+        mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    else:
+        mask = allowed
+
+    kept = torch.unique(state_col[needed])  # sorted; the union over rows of the states to score
+    col = torch.searchsorted(kept, state_col).clamp(max=max(kept.numel() - 1, 0))
+    valid = torch.zeros((n_rows, kept.numel()), dtype=torch.bool, device=device)
+    valid[state_row[needed], col[needed]] = True
+    n_slots = 2 if bool(slot.any()) else 1
+    kept_actions = torch.full((n_rows, kept.numel(), n_slots), pad_token_id, dtype=torch.long, device=device)
+    kept_actions[state_row[needed], col[needed], slot[needed]] = actions[needed]
+    return _Layout(ids, mask, pos, kept, valid, kept_actions, state_row, col, slot)
+
+
+def _q_and_values(model, layout: _Layout, head, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q̂(s, a) and V(s) at every kept state of the layout, (rows, K, A) and (rows, K)."""
+    inputs = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                  position_ids=layout.position_ids, use_cache=False, logits_to_keep=layout.kept)
+    if head is None:  # through the logits: one (rows, K, V) tensor per pass
+        q = model(**inputs).logits.float()  # with grad
+        with torch.no_grad(), _unwrap(model).disable_adapter():
+            log_pi1 = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+        values = soft_values(q, log_pi1, args.alpha_0, args.alpha_tilde)
+        q_taken = q.gather(-1, layout.actions)
+        return q_taken, values
+
+    # Fused: the base pass returns the hidden states at the kept states (its head is the identity),
+    # the adapter pass hands its own to _FusedQHead inside the model's forward.
+    with torch.no_grad(), _unwrap(model).disable_adapter(), _head_forward(head, lambda hidden: hidden):
+        base_hidden = model(**inputs).logits
+    valid, actions = layout.valid, layout.actions
+    chunk = max(1, FUSED_HEAD_TILE_BYTES // (4 * head.weight.shape[0]))
+
+    def fused(hidden):
+        values, q_taken = _FusedQHead.apply(hidden[valid], base_hidden[valid].to(hidden.dtype), _full(head.weight),
+                                            _full(head.bias), actions[valid], args.alpha_0, args.alpha_tilde, chunk)
+        out = hidden.new_zeros(valid.shape + (1 + actions.shape[-1],), dtype=torch.float32)
+        out[valid] = torch.cat([values[:, None], q_taken], dim=-1)
+        return out
+
+    with _head_forward(head, fused):
+        out = model(**inputs).logits
+    return out[..., 1:], out[..., 0]
 
 
 def qadapter_step(model, batch: dict[str, torch.Tensor], args: QAdapterConfig,
@@ -66,31 +355,47 @@ def qadapter_step(model, batch: dict[str, torch.Tensor], args: QAdapterConfig,
 
     ``model`` is the (possibly DDP/FSDP-wrapped) PEFT model: one pass with the adapter gives Q̂,
     one pass without it (no gradient) gives log π1. Only the states that score response tokens
-    are projected to the vocabulary.
+    are projected to the vocabulary. ``args.share_prompt`` runs each prompt once per pair (both
+    passes), ``args.fused_head`` computes Q̂ and V without materializing the logits; both are exact
+    (same loss and gradients as the straightforward step, to float round-off) and fall back to the
+    straightforward computation for models they do not support.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     response_mask, seq_lengths = batch["response_mask"], batch["seq_lengths"]
     width_p, width = int(batch["prompt_width"]), input_ids.shape[1]
+    needed = response_mask[:, width_p:]  # response column j of a row is an action to score
     if args.reference_compat:
         # The authors' alignment: the states *at* response tokens, each acting with the next token
         # (the padding token after a shorter response included), and nothing for the last token of
         # the longest sequence of the micro-batch, as their ``values[:, :-1]`` drops it.
+        first_state = width_p
         positions = torch.arange(width_p, width, device=input_ids.device)
         actions = F.pad(input_ids[:, width_p + 1:], (0, 1), value=pad_token_id)
         prompt_lengths = seq_lengths - response_mask.sum(-1)
         index_in_sequence = positions[None, :] - (width_p - prompt_lengths[:, None])
-        mask = response_mask[:, width_p:] & (index_in_sequence < int(seq_lengths.max()) - 1)
+        mask = needed & (index_in_sequence < int(seq_lengths.max()) - 1)
     else:
-        positions = torch.arange(width_p - 1, width - 1, device=input_ids.device)
+        first_state = width_p - 1
         actions = input_ids[:, width_p:]
-        mask = response_mask[:, width_p:]
+        mask = needed
 
-    q = causal_lm_logits(model, input_ids, attention_mask, positions).float()  # (2B, L, V), with grad
-    with torch.no_grad(), _unwrap(model).disable_adapter():
-        log_pi1 = F.log_softmax(causal_lm_logits(model, input_ids, attention_mask, positions).float(), dim=-1)
-    values = soft_values(q, log_pi1, args.alpha_0, args.alpha_tilde)  # (2B, L)
-    q_taken = taken(q, actions)  # (2B, L)
-    del q, log_pi1  # autograd keeps what backward needs; drop our references to the (2B, L, V) tensors
+    peft_model = _peft_model(model)
+    head = None
+    if peft_model is not None and getattr(args, "fused_head", True) and not isinstance(model, torch.nn.DataParallel):
+        head = _fusable_head(peft_model)  # (DataParallel replicas would each see the whole batch's closure)
+    attention_kind, half = None, input_ids.shape[0] // 2
+    if peft_model is not None and getattr(args, "share_prompt", True) and half >= 1:
+        longest_pair = attention_mask[:half, :width_p].sum(-1) + needed[:half].sum(-1) + needed[half:].sum(-1)
+        attention_kind = _attention_kind(peft_model, int(longest_pair.max()))
+    if attention_kind is not None:
+        layout = _packed_layout(input_ids, attention_mask, actions, needed, width_p, first_state, pad_token_id,
+                                attention_kind, peft_model.get_base_model().dtype)
+    else:
+        layout = _plain_layout(input_ids, attention_mask, actions, needed, first_state)
+    q_kept, values_kept = _q_and_values(model, layout, head, args)
+    values = values_kept[layout.row_of, layout.col]  # (2B, L)
+    q_taken = q_kept[layout.row_of, layout.col, layout.slot]  # (2B, L)
+    del q_kept, values_kept
 
     half = input_ids.shape[0] // 2
     if args.reference_compat:
