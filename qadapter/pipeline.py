@@ -24,9 +24,9 @@ from .embedded import DEFAULT_MODEL, default_data_path, resolve_model_path
 #: sees as many of them as the time allows. ``long`` is the documented longer run (hours on a
 #: CPU, minutes on a GPU): many more pairs and a full epoch. Flags given on the command line win.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(max_length=128, drop_longer_than=128, eval_pairs=100, train_eval_pairs=100,
+    "default": dict(max_length=128, drop_longer_than=128, eval_pairs=60, train_eval_pairs=60,
                     per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
-                    max_steps=400, max_train_minutes=6.0, logging_steps=5, save_strategy="no"),
+                    max_steps=400, max_train_minutes=5.0, logging_steps=5, save_strategy="no"),
     "long": dict(max_length=256, drop_longer_than=256, eval_pairs=200, train_eval_pairs=200,
                  per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=5e-4,
                  num_train_epochs=1, max_steps=-1, max_train_minutes=None, logging_steps=5,
