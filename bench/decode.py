@@ -112,6 +112,9 @@ def bench_device(device, args, tokenizer, base, peft_model) -> dict[int, float]:
         for name, ts in times.items():
             print(f"  {name:17s} wall seconds per run: " + " ".join(f"{t:.3f}" for t in ts)
                   + " | process CPU seconds: " + " ".join(f"{t:.3f}" for t in cpu_times[name]), flush=True)
+        paired = [b / f for b, f in zip(times["base_hf_generate"], times["fast"])]
+        print("  fast/base per repeat (base and fast run back to back): "
+              + " ".join(f"{r:.2f}" for r in paired) + f" | median {statistics.median(paired):.2f}", flush=True)
         if device.type == "cpu":
             cpu_tps = {name: batch * n / statistics.median(ts) for name, ts in cpu_times.items()}
             print(f"  by median process CPU time (robust to other processes on a shared machine): "

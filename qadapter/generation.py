@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
