@@ -56,3 +56,13 @@ def make_tiny_tokenizer(vocab_size: int = 96):
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return tok
+
+
+def max_relative_grad_error(grads, ref_grads) -> float:
+    """max over weights of max |g − g_ref| / max |g_ref| (each reference gradient must be non-zero)."""
+    worst = 0.0
+    for g, rg in zip(grads, ref_grads):
+        scale = rg.abs().max().item()
+        assert scale > 0
+        worst = max(worst, (g.double() - rg.double()).abs().max().item() / scale)
+    return worst

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_llama, randomize_lora
+from conftest import max_relative_grad_error, randomize_lora, tiny_llama
 from test_trainer import PAIRS
 from peft import get_peft_model
 
@@ -135,11 +135,7 @@ def test_compat_step_equals_authors_loss_and_gradients(tmp_path, knobs, dtype, g
     torch.testing.assert_close(out["reward_rejected"].double(), torch.stack(ref["returns"][n:]), rtol=0, atol=1e-5)
     # every adapter weight: max |Δgrad| <= grad_rtol · max |grad| of that weight
     assert len(params) == 8  # lora_A and lora_B of q_proj and v_proj in 2 layers
-    worst = 0.0
-    for g, rg in zip(grads, ref_grads):
-        scale = rg.abs().max().item()
-        assert scale > 0
-        worst = max(worst, (g.double() - rg.double()).abs().max().item() / scale)
+    worst = max_relative_grad_error(grads, ref_grads)
     assert worst <= grad_rtol, f"relative gradient mismatch {worst:.2e}"
 
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 from peft import get_peft_model
 
 import qadapter.trainer.qadapter_trainer as qt
-from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
+from conftest import make_tiny_tokenizer, max_relative_grad_error, randomize_lora, tiny_llama
 from test_trainer import PAIRS
 from qadapter.modeling import causal_lm_logits, lora_config
 from qadapter.objective import (implied_rewards, length_normalizers, preference_loss, reference_compat_loss,
@@ -136,11 +136,7 @@ def compare(model, pairs, args, grad_rtol, ref_model=None, ref_args=None):
     for key in ("reward_chosen", "reward_rejected"):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-6, atol=1e-5, msg=key)
     assert len(grads) == len(ref_grads) == 8  # lora_A, lora_B of q_proj, v_proj in 2 layers
-    worst = 0.0
-    for g, rg in zip(grads, ref_grads):
-        scale = rg.abs().max().item()
-        assert scale > 0
-        worst = max(worst, (g.double() - rg.double()).abs().max().item() / scale)
+    worst = max_relative_grad_error(grads, ref_grads)
     assert worst <= grad_rtol, f"relative gradient mismatch {worst:.2e}"
     return out, ref
 
