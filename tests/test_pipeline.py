@@ -125,3 +125,21 @@ def test_baselines_train_and_save_plain_peft_adapters(method, tiny_model_dir, tm
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "the baseline did not train its adapter"
     acc = report["accuracy"]["held_out"]
     assert acc["base"]["n"] == acc["customized"]["n"] == 4
+
+
+def test_replay_answers_each_distinct_prompt_once():
+    from datasets import Dataset
+
+    from qadapter.trainer.baselines import replay_dataset
+
+    q1, q2 = [{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    pairs = Dataset.from_list([{"prompt": q1, "chosen": reply("a"), "rejected": reply("b")},
+                               {"prompt": q1, "chosen": reply("a"), "rejected": reply("c")},
+                               {"prompt": q2, "chosen": reply("d"), "rejected": reply("e")}])
+    data = replay_dataset(pairs, ["base1", "base2"], prompts=[q1, q2])
+    assert len(data) == 5  # 3 chosen rows + one replayed base answer per distinct prompt
+    assert data[3] == {"prompt": q1, "completion": reply("base1")}
+    assert data[4] == {"prompt": q2, "completion": reply("base2")}
+    with pytest.raises(ValueError, match="2 base answers for 3 prompts"):
+        replay_dataset(pairs, ["base1", "base2"])

@@ -13,6 +13,7 @@ itself: there is no composition with π1).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from datasets import Dataset
 from transformers import TrainingArguments
@@ -28,12 +29,16 @@ def sft_dataset(pairs: Dataset) -> Dataset:
     return Dataset.from_dict({"prompt": list(pairs["prompt"]), "completion": list(pairs["chosen"])})
 
 
-def replay_dataset(pairs: Dataset, base_answers: list[str]) -> Dataset:
-    """SFT rows plus one row per training prompt answered by the base model itself."""
+def replay_dataset(pairs: Dataset, base_answers: list[str], prompts: list | None = None) -> Dataset:
+    """SFT rows plus one row per prompt answered by the base model itself (``prompts``: the prompts
+    ``base_answers`` answer, by default every pair's prompt in order)."""
     sft = sft_dataset(pairs)
+    prompts = list(pairs["prompt"]) if prompts is None else list(prompts)
+    if len(prompts) != len(base_answers):
+        raise ValueError(f"replay: {len(base_answers)} base answers for {len(prompts)} prompts")
     conversational = isinstance(pairs[0]["prompt"], list)
     replayed = [[{"role": "assistant", "content": a}] if conversational else a for a in base_answers]
-    return Dataset.from_dict({"prompt": list(sft["prompt"]) + list(pairs["prompt"]),
+    return Dataset.from_dict({"prompt": list(sft["prompt"]) + prompts,
                               "completion": list(sft["completion"]) + replayed})
 
 
@@ -66,11 +71,13 @@ def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, 
         else:
             from ..generation import generate
 
-            log(f"replay: answering {len(train_pairs)} training prompts with the base model (greedy, "
-                f"at most {replay_new_tokens} tokens)")
-            answers = generate(model, tokenizer, list(train_pairs["prompt"]), alpha_0=0.0, alpha_tilde=1.0,
+            # one base answer per distinct prompt (DSP has 4 pairs per query), replayed once per prompt
+            unique = {json.dumps(p, sort_keys=True): p for p in train_pairs["prompt"]}
+            log(f"replay: answering {len(unique)} distinct training prompts ({len(train_pairs)} pairs) with the "
+                f"base model (greedy, at most {replay_new_tokens} tokens)")
+            answers = generate(model, tokenizer, list(unique.values()), alpha_0=0.0, alpha_tilde=1.0,
                                policy="base", max_new_tokens=replay_new_tokens)
-            data = replay_dataset(train_pairs, answers)
+            data = replay_dataset(train_pairs, answers, prompts=list(unique.values()))
         args = SFTConfig(**common, max_length=config.max_length, completion_only_loss=True)
         trainer = SFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=callbacks)
