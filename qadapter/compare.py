@@ -453,6 +453,13 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
 
     # ---- the plot
     _plot(paths["png"], trade, comparison)
+    from .plots import plot_training_curves
+
+    histories = {m: ((info.get("reports") or {}).get(m) or {}).get("log_history") for m in comparison.methods}
+    curves = plot_training_curves({m: h for m, h in histories.items() if h}, out / "training_curves.png",
+                                  title="Training curves of the compared methods")
+    if curves:
+        paths["curves"] = curves
 
     # ---- markdown
     md = ["# Q-Adapter against the paper's baselines", ""]
@@ -512,6 +519,9 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
                            str(rep.get("train_seconds", "?")), str(rep.get("stopped_by_time_limit_at_step") or "no")])
     md += ["Training: each method is one run of `qadapter train` (same base model, split, seed, LoRA settings):", "",
            _table(["method", "steps", "training pairs", "seconds", "stopped by the time limit at step"], train_rows), ""]
+    if "curves" in paths:
+        md += ["Training curves (what each trainer logged; the Q-Adapter and DPO log TRL's `rewards/*` on their "
+               "training batches):", "", "![training curves](training_curves.png)", ""]
     if info.get("train_commands"):
         md += ["Equivalent `qadapter train` commands:", ""]
         md += [f"    {info['train_commands'][m]}" for m in comparison.methods if m in info["train_commands"]] + [""]

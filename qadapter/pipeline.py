@@ -238,6 +238,8 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
                                   * config.gradient_accumulation_steps * max(1, config.world_size) / max(train_seconds, 1e-9), 4),
         "settings": asdict(qadapter.settings) if job.method == "qadapter" else None,
         "adapter_dir": str(out_dir.resolve()),
+        # what the trainer logged every `logging_steps` (loss, rewards/*, ...): the training curves
+        "log_history": [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h],
     }
     if not trainer.is_world_process_zero():
         return report
@@ -258,6 +260,11 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
              "base": qadapter.generate([p], policy="base", max_new_tokens=job.example_new_tokens)[0],
              "customized": qadapter.generate([p], max_new_tokens=job.example_new_tokens)[0]}
             for p in tqdm(prompts, desc="example answers", leave=False)]
+    from .plots import plot_training_curves
+
+    curves = plot_training_curves({job.method: report["log_history"]}, Path(config.output_dir) / "training_curves.png",
+                                  title=f"{job.method} on {Path(data_name).name if job.data else data_name}")
+    report["training_curves"] = str(curves.resolve()) if curves else None
     report["total_seconds"] = round(time.monotonic() - started, 1)
     tmp = out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -280,4 +287,6 @@ def format_report(report: dict[str, Any]) -> str:
     for ex in report.get("examples", []):
         lines.append(f"\nprompt: {ex['prompt']!r}\n  base:       {ex['base']!r}\n  customized: {ex['customized']!r}")
     lines.append(f"\nadapter saved to {report['adapter_dir']} (with report.json)")
+    if report.get("training_curves"):
+        lines.append(f"training curves: {report['training_curves']}")
     return "\n".join(lines)

@@ -79,7 +79,7 @@ def job_and_config(root, **config):
     job = JobArguments(model=str(root / "model"), data=str(root / "pairs.jsonl"), eval_pairs=4, train_eval_pairs=4,
                        show_examples=0)
     settings = dict(output_dir=str(root / "unused"), max_steps=2, per_device_train_batch_size=2, report_to=[],
-                    save_strategy="no", use_cpu=True, max_length=64, learning_rate=1e-2, seed=0)
+                    save_strategy="no", use_cpu=True, max_length=64, learning_rate=1e-2, seed=0, logging_steps=1)
     settings.update(config)
     return job, QAdapterConfig(**settings)
 
@@ -127,6 +127,12 @@ def test_compare_trains_every_method_evaluates_every_policy_and_resumes(setup, m
         assert f"| {p} |" in md or f"| **{p}** |" in md
     assert "seed 0" in md and "16 training pairs" in md and "4 held-out pairs" in md and "RewardTrainer" in md
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # training curves from every method's logged history, linked from the markdown
+    for m in METHODS:
+        history = json.loads((out / m / "adapter" / "report.json").read_text())["log_history"]
+        assert history and all("loss" in h and "step" in h for h in history)
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training curves](training_curves.png)" in md
 
     # a second call trains nothing and evaluates nothing
     stamps = {p: os.stat(p).st_mtime_ns for p in out.rglob("*.json") if "eval" in p.parts}

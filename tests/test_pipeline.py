@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_tokenizer, tiny_llama
 from qadapter.data import PreferenceDataError, load_preference_pairs
-from qadapter.pipeline import JobArguments, run_training, wilson_interval
+from qadapter.pipeline import JobArguments, format_report, run_training, wilson_interval
 from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 
 
@@ -83,6 +83,24 @@ def test_main_job_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert (saved / "adapter_config.json").is_file() and (saved / "qadapter_config.json").is_file()
     assert json.loads((saved / "report.json").read_text())["steps"] == 2
     assert len(report["examples"]) == 1 and set(report["examples"][0]) == {"prompt", "base", "customized"}
+
+
+def test_main_job_logs_and_plots_its_training_curves(tiny_model_dir, tmp_path):
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 20))
+    config.logging_steps = 1
+    report = run_training(job, config, log=lambda *_: None)
+    assert [h["step"] for h in report["log_history"]] == [1, 2]
+    assert all(k in h for h in report["log_history"] for k in ("loss", "rewards/accuracies", "pref_loss", "chi2_loss"))
+    curves = tmp_path / "run" / "training_curves.png"
+    assert report["training_curves"] == str(curves.resolve()) and curves.read_bytes()[:4] == b"\x89PNG"
+    assert f"training curves: {curves.resolve()}" in format_report(report)
+
+
+def test_training_curves_need_something_logged(tmp_path):
+    from qadapter.plots import plot_training_curves
+
+    assert plot_training_curves({"sft": [{"train_loss": 1.0, "step": 2}]}, tmp_path / "c.png") is None
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_bad_row_stops_the_job_with_file_row_and_problem(tiny_model_dir, tmp_path):
