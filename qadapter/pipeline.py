@@ -245,7 +245,9 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         return report
 
     seen = min(job.train_eval_pairs, len(train_ids))
-    measured = {"train": select_pairs(train_ids, seen, seed=config.seed), "held_out": eval_ids}
+    # train_eval_pairs=0: held-out pairs only (a comparison measures its methods itself)
+    measured = {"train": select_pairs(train_ids, seen, seed=config.seed)} if seen > 0 else {}
+    measured["held_out"] = eval_ids
     report["accuracy"] = {}
     for split, ids in measured.items():
         ll = pair_log_likelihoods(qadapter, ids, desc=f"measuring {split} pairs")

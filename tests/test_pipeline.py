@@ -161,3 +161,11 @@ def test_replay_answers_each_distinct_prompt_once():
     assert data[4] == {"prompt": q2, "completion": reply("base2")}
     with pytest.raises(ValueError, match="2 base answers for 3 prompts"):
         replay_dataset(pairs, ["base1", "base2"])
+
+
+def test_no_training_pairs_measured_when_train_eval_pairs_is_zero(tiny_model_dir, tmp_path):
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 12))
+    job.train_eval_pairs, job.show_examples = 0, 0
+    report = run_training(job, config, log=lambda *_: None)
+    assert list(report["accuracy"]) == ["held_out"] and report["accuracy"]["held_out"]["base"]["n"] == 4
+    assert "held_out" in format_report(report)
