@@ -716,7 +716,9 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
             reports[method] = _read_json(folder / "adapter" / "report.json")
             log(f"{method}: trained already ({folder / 'adapter'}), reusing it")
             continue
-        m_job = dataclasses.replace(job, method=method, save_split=True)
+        # the comparison measures every policy itself (section 3), so training measures nothing
+        m_job = dataclasses.replace(job, method=method, save_split=True, train_eval_pairs=0, measure_held_out=False,
+                                    show_examples=0)
         m_config = copy.deepcopy(config)
         m_config.output_dir = str(folder)
         if m_config.resume_from_checkpoint is None:

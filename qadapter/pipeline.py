@@ -57,6 +57,9 @@ class JobArguments:
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO baseline (the paper's 0.1)."})
     show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
     example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
+    measure_held_out: bool = field(default=True, metadata={"help": "Measure the preference accuracy of the base and the "
+                                   "trained policy on the held-out pairs after training (qadapter compare turns it off: "
+                                   "it measures every method itself)."})
     save_split: bool = field(default=False, metadata={"help": "Also write the training and held-out pairs (normalized "
                              "prompt / chosen / rejected, source row) to OUTPUT_DIR/split/{train,held_out}.jsonl, "
                              "with the split counts in split.json, so every evaluation uses exactly this split."})
@@ -247,7 +250,8 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     seen = min(job.train_eval_pairs, len(train_ids))
     # train_eval_pairs=0: held-out pairs only (a comparison measures its methods itself)
     measured = {"train": select_pairs(train_ids, seen, seed=config.seed)} if seen > 0 else {}
-    measured["held_out"] = eval_ids
+    if job.measure_held_out:
+        measured["held_out"] = eval_ids
     report["accuracy"] = {}
     for split, ids in measured.items():
         ll = pair_log_likelihoods(qadapter, ids, desc=f"measuring {split} pairs")
