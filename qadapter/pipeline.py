@@ -127,6 +127,23 @@ def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict[str,
     return {"accuracy": wins / n if n else float("nan"), "n": n, "ci_low": low, "ci_high": high}
 
 
+def implicit_reward_margins(ll: dict[str, list[float]], seed: int = 0) -> dict[str, Any]:
+    """How far training moved each pair toward its chosen answer, relative to the base model:
+    margin = [log π̃(y_w|x) − log π1(y_w|x)] − [log π̃(y_l|x) − log π1(y_l|x)] (0 for an untrained
+    adapter). Returns the fraction of pairs with a positive margin (ties half, Wilson interval) and the
+    mean margin in nats (bootstrap interval) — the same numbers ``qadapter compare`` reports.
+    """
+    from .evaluation.stats import make_metric
+
+    margins = [(cc - bc) - (cr - br) for cc, bc, cr, br in
+               zip(ll["custom_chosen"], ll["base_chosen"], ll["custom_rejected"], ll["base_rejected"])]
+    wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
+    low, high = wilson_interval(wins, len(margins))
+    mean = make_metric(margins, seed=seed)
+    return {"accuracy": wins / len(margins) if margins else float("nan"), "n": len(margins), "ci_low": low,
+            "ci_high": high, "mean": mean.value, "mean_ci_low": mean.ci_low, "mean_ci_high": mean.ci_high}
+
+
 def _tokenized_length(row) -> int:
     return len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
 
@@ -258,6 +275,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         report["accuracy"][split] = {
             "base": preference_accuracy(ll["base_chosen"], ll["base_rejected"]),
             "customized": preference_accuracy(ll["custom_chosen"], ll["custom_rejected"]),
+            "margin": implicit_reward_margins(ll, seed=config.seed),
         }
     if job.show_examples:
         prompts = [eval_ids[i]["prompt"] for i in range(min(job.show_examples, len(eval_ids)))]
@@ -290,6 +308,15 @@ def format_report(report: dict[str, Any]) -> str:
     for split, acc in report.get("accuracy", {}).items():
         cells = [f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" for a in (acc["base"], acc["customized"])]
         lines.append(f"{split:<10} {acc['base']['n']:>4}  {cells[0]:>22}  {cells[1]:>22}")
+    if any("margin" in acc for acc in report.get("accuracy", {}).values()):
+        lines.append("\nimplicit-reward margin [log π(y_w|x) − log π1(y_w|x)] − [log π(y_l|x) − log π1(y_l|x)]: "
+                     "> 0 when training moved the pair toward its chosen answer (0 before training)")
+        lines.append(f"{'pairs':<10} {'n':>4}  {'fraction > 0':>22}  {'mean margin (nats)':>22}")
+        for split, acc in report.get("accuracy", {}).items():
+            m = acc.get("margin")
+            if m:
+                lines.append(f"{split:<10} {m['n']:>4}  {m['accuracy']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+                             f"  {m['mean']:>+7.2f} [{m['mean_ci_low']:+.2f}, {m['mean_ci_high']:+.2f}]")
     for ex in report.get("examples", []):
         lines.append(f"\nprompt: {ex['prompt']!r}\n  base:       {ex['base']!r}\n  customized: {ex['customized']!r}")
     lines.append(f"\nadapter saved to {report['adapter_dir']} (with report.json)")

@@ -79,6 +79,9 @@ def test_main_job_on_a_tiny_model(tiny_model_dir, tmp_path):
         for policy in ("base", "customized"):
             acc = report["accuracy"][split][policy]
             assert acc["n"] == 4 and acc["ci_low"] <= acc["accuracy"] <= acc["ci_high"]
+        margin = report["accuracy"][split]["margin"]
+        assert margin["n"] == 4 and margin["mean_ci_low"] <= margin["mean"] <= margin["mean_ci_high"]
+    assert "implicit-reward margin" in format_report(report)
     saved = tmp_path / "run" / "adapter"
     assert (saved / "adapter_config.json").is_file() and (saved / "qadapter_config.json").is_file()
     assert json.loads((saved / "report.json").read_text())["steps"] == 2
@@ -169,3 +172,14 @@ def test_no_training_pairs_measured_when_train_eval_pairs_is_zero(tiny_model_dir
     report = run_training(job, config, log=lambda *_: None)
     assert list(report["accuracy"]) == ["held_out"] and report["accuracy"]["held_out"]["base"]["n"] == 4
     assert "held_out" in format_report(report)
+
+
+def test_implicit_reward_margins_on_hand_made_log_likelihoods():
+    from qadapter.pipeline import implicit_reward_margins
+
+    ll = {"base_chosen": [-10.0, -10.0, -10.0], "base_rejected": [-12.0, -8.0, -9.0],
+          "custom_chosen": [-9.0, -10.0, -11.0], "custom_rejected": [-12.0, -8.0, -8.0]}
+    m = implicit_reward_margins(ll)
+    # margins: (1 - 0) = 1, (0 - 0) = 0 (a tie: half), (-1 - 1) = -2
+    assert m["n"] == 3 and m["accuracy"] == 0.5 and m["mean"] == -1 / 3
+    assert m["mean_ci_low"] <= m["mean"] <= m["mean_ci_high"] and m["ci_low"] < 0.5 < m["ci_high"]
