@@ -43,6 +43,12 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping]], path: str |
             steps, values = _series(history, key)
             if steps:
                 ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=f"C{i}", label=name)
+            if key == "loss":
+                # a Q-Adapter's loss = Bradley-Terry term + β·χ² term: show which one is moving
+                for part, style, what in (("pref_loss", "--", "BT term"), ("chi2_loss", ":", "β·χ² term")):
+                    part_steps, part_values = _series(history, part)
+                    if part_steps:
+                        ax.plot(part_steps, part_values, ls=style, color=f"C{i}", label=f"{name}: {what}")
         if key == "rewards/accuracies":
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(label, fontsize=10)
