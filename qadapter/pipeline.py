@@ -278,7 +278,9 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
             "margin": implicit_reward_margins(ll, seed=config.seed),
         }
     if job.show_examples:
-        prompts = [eval_ids[i]["prompt"] for i in range(min(job.show_examples, len(eval_ids)))]
+        # distinct prompts: DSP-style data hold several pairs per prompt
+        distinct = {json.dumps(p, sort_keys=True): p for p in eval_ids["prompt"]}
+        prompts = list(distinct.values())[:job.show_examples]
         report["examples"] = [
             {"prompt": p[-1]["content"] if isinstance(p, list) else p,
              "base": qadapter.generate([p], policy="base", max_new_tokens=job.example_new_tokens)[0],

@@ -183,3 +183,15 @@ def test_implicit_reward_margins_on_hand_made_log_likelihoods():
     # margins: (1 - 0) = 1, (0 - 0) = 0 (a tie: half), (-1 - 1) = -2
     assert m["n"] == 3 and m["accuracy"] == 0.5 and m["mean"] == -1 / 3
     assert m["mean_ci_low"] <= m["mean"] <= m["mean_ci_high"] and m["ci_low"] < 0.5 < m["ci_high"]
+
+
+def test_examples_answer_distinct_prompts(tiny_model_dir, tmp_path):
+    # two pairs per prompt (as in DSP): the examples must still be two different prompts
+    lines = [json.dumps({"chosen": conv(f"w{i // 2} w9", f"w3{i % 10} w4"), "rejected": conv(f"w{i // 2} w9", "w50 w51")})
+             for i in range(24)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "p.jsonl"))
+    job.show_examples, job.train_eval_pairs = 2, 0
+    report = run_training(job, config, log=lambda *_: None)
+    prompts = [ex["prompt"] for ex in report["examples"]]
+    assert len(prompts) == 2 and prompts[0] != prompts[1]
