@@ -4,7 +4,7 @@ and the adapter gradients of the straightforward step on the same batch, to floa
 default mode and with ``reference_compat=True``.
 
 The straightforward step below is a verbatim copy of ``qadapter_step`` as it was before the speed
-work: 2B rows, the prompt computed once per response, logits at the response states, one adapter
+work (up to the loss from the returns, ``loss_from_returns``, which both share): 2B rows, the prompt computed once per response, logits at the response states, one adapter
 pass with grad and one base pass without.
 """
 
@@ -18,8 +18,7 @@ import qadapter.trainer.qadapter_trainer as qt
 from conftest import make_tiny_tokenizer, max_relative_grad_error, randomize_lora, tiny_llama
 from test_trainer import PAIRS
 from qadapter.modeling import causal_lm_logits, lora_config
-from qadapter.objective import (implied_rewards, length_normalizers, preference_loss, reference_compat_loss,
-                                soft_values, taken)
+from qadapter.objective import soft_values, taken
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, QAdapterTrainer, qadapter_step
 
 PAD = 0
@@ -61,18 +60,8 @@ def straightforward_step(model, batch, args, pad_token_id=0):
     q_taken = taken(q, actions)
     del q, log_pi1
 
-    half = input_ids.shape[0] // 2
-    if args.reference_compat:
-        out = reference_compat_loss(q_taken, values, mask, args.gamma, args.beta,
-                                    padded_length=int(seq_lengths.max()))
-    else:
-        rewards = implied_rewards(q_taken, values, mask, args.gamma)
-        n_c, n_r = length_normalizers(args.normalizer, mask[:half], mask[half:], seq_lengths[:half], seq_lengths[half:])
-        out = preference_loss(rewards[:half], mask[:half], rewards[half:], mask[half:], n_c, n_r, args.beta)
-    count = mask.sum().clamp(min=1)
-    out["values_mean"] = (values.detach() * mask).sum() / count
-    out["q_values_mean"] = (q_taken.detach() * mask).sum() / count
-    return out
+    # the loss from the returns is one shared function (checked against loops in test_trainer / test_objective)
+    return qt.loss_from_returns(q_taken, values, mask, seq_lengths, args)
 
 
 def peft_model(dtype=torch.float32, attn="sdpa", seed=0):

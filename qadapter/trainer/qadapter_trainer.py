@@ -349,6 +349,24 @@ def _q_and_values(model, layout: _Layout, head, args) -> tuple[torch.Tensor, tor
     return out[..., 1:], out[..., 0]
 
 
+def loss_from_returns(q_taken, values, mask, seq_lengths, args: QAdapterConfig) -> dict[str, torch.Tensor]:
+    """The loss (eqs. 3-5, or the authors' version with ``reference_compat``) and the logged means from
+    Q̂(s_t, a_t) and V(s_t) at the scored states: ``q_taken``, ``values``, ``mask`` (2B, L), chosen rows
+    first; ``seq_lengths`` (2B,) full sequence lengths."""
+    half = q_taken.shape[0] // 2
+    if args.reference_compat:
+        out = reference_compat_loss(q_taken, values, mask, args.gamma, args.beta,
+                                    padded_length=int(seq_lengths.max()))
+    else:
+        rewards = implied_rewards(q_taken, values, mask, args.gamma)
+        n_c, n_r = length_normalizers(args.normalizer, mask[:half], mask[half:], seq_lengths[:half], seq_lengths[half:])
+        out = preference_loss(rewards[:half], mask[:half], rewards[half:], mask[half:], n_c, n_r, args.beta)
+    count = mask.sum().clamp(min=1)
+    out["values_mean"] = (values.detach() * mask).sum() / count
+    out["q_values_mean"] = (q_taken.detach() * mask).sum() / count
+    return out
+
+
 def qadapter_step(model, batch: dict[str, torch.Tensor], args: QAdapterConfig,
                   pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Loss and statistics of one batch laid out by :class:`PreferencePairCollator`.
@@ -397,18 +415,7 @@ def qadapter_step(model, batch: dict[str, torch.Tensor], args: QAdapterConfig,
     q_taken = q_kept[layout.row_of, layout.col, layout.slot]  # (2B, L)
     del q_kept, values_kept
 
-    half = input_ids.shape[0] // 2
-    if args.reference_compat:
-        out = reference_compat_loss(q_taken, values, mask, args.gamma, args.beta,
-                                    padded_length=int(seq_lengths.max()))
-    else:
-        rewards = implied_rewards(q_taken, values, mask, args.gamma)
-        n_c, n_r = length_normalizers(args.normalizer, mask[:half], mask[half:], seq_lengths[:half], seq_lengths[half:])
-        out = preference_loss(rewards[:half], mask[:half], rewards[half:], mask[half:], n_c, n_r, args.beta)
-    count = mask.sum().clamp(min=1)
-    out["values_mean"] = (values.detach() * mask).sum() / count
-    out["q_values_mean"] = (q_taken.detach() * mask).sum() / count
-    return out
+    return loss_from_returns(q_taken, values, mask, seq_lengths, args)
 
 
 class QAdapterTrainer(Trainer):
