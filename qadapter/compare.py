@@ -186,10 +186,6 @@ def _folder_stamp(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _prompt_key(prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-
-
 def _ties_half(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, 1.0, np.where(x < 0, 0.0, 0.5))
 
@@ -803,15 +799,11 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
     # ---- 3. evaluate the base model and every method through the same evaluators
     win_prompts: list = []
     if judge is not None:
-        seen, unique = set(), []
-        for row in held_out:
-            prompt = row["prompt"] if "prompt" in row else row["chosen"][:-1]
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            k = _prompt_key(prompt)
-            if k not in seen:
-                seen.add(k)
-                unique.append(prompt)
-        win_prompts = subsample(unique, limits["win_rate"], eval_seed)
+        from .data import distinct_prompts
+
+        prompts = [row["prompt"] if "prompt" in row else row["chosen"][:-1] for row in held_out]
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+        win_prompts = subsample(distinct_prompts(prompts), limits["win_rate"], eval_seed)
     evaluations = list(benchmarks) + ["preferences"] + (["win_rate"] if judge is not None else [])
     results: dict[str, dict[str, dict]] = {}
     computed: list[tuple[str, str]] = []

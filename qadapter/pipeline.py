@@ -135,13 +135,12 @@ def implicit_reward_margins(ll: dict[str, list[float]], seed: int = 0) -> dict[s
     """
     from .evaluation.stats import make_metric
 
-    margins = [(cc - bc) - (cr - br) for cc, bc, cr, br in
-               zip(ll["custom_chosen"], ll["base_chosen"], ll["custom_rejected"], ll["base_rejected"])]
-    wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
-    low, high = wilson_interval(wins, len(margins))
-    mean = make_metric(margins, seed=seed)
-    return {"accuracy": wins / len(margins) if margins else float("nan"), "n": len(margins), "ci_low": low,
-            "ci_high": high, "mean": mean.value, "mean_ci_low": mean.ci_low, "mean_ci_high": mean.ci_high}
+    chosen_moved = [c - b for c, b in zip(ll["custom_chosen"], ll["base_chosen"])]
+    rejected_moved = [c - b for c, b in zip(ll["custom_rejected"], ll["base_rejected"])]
+    mean = make_metric([c - r for c, r in zip(chosen_moved, rejected_moved)], seed=seed)
+    # margin > 0 exactly when the chosen answer moved more than the rejected one
+    return {**preference_accuracy(chosen_moved, rejected_moved),
+            "mean": mean.value, "mean_ci_low": mean.ci_low, "mean_ci_high": mean.ci_high}
 
 
 def _tokenized_length(row) -> int:
@@ -176,7 +175,8 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt, tokenize_pairs
+    from .data import (distinct_prompts, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
+                       tokenize_pairs)
     from .trainer import QAdapterTrainer
 
     started = time.monotonic()
@@ -279,8 +279,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         }
     if job.show_examples:
         # distinct prompts: DSP-style data hold several pairs per prompt
-        distinct = {json.dumps(p, sort_keys=True): p for p in eval_ids["prompt"]}
-        prompts = list(distinct.values())[:job.show_examples]
+        prompts = distinct_prompts(eval_ids["prompt"])[:job.show_examples]
         report["examples"] = [
             {"prompt": p[-1]["content"] if isinstance(p, list) else p,
              "base": qadapter.generate([p], policy="base", max_new_tokens=job.example_new_tokens)[0],

@@ -14,7 +14,7 @@ from .formats import (
     load_embedded_pairs,
     load_preference_pairs,
 )
-from .split import select_pairs, split_by_prompt
+from .split import distinct_prompts, select_pairs, split_by_prompt
 from .tokenization import TokenizeReport, tokenize_pair, tokenize_pairs
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LoadReport",
     "PreferenceDataError",
     "TokenizeReport",
+    "distinct_prompts",
     "load_embedded_pairs",
     "load_preference_pairs",
     "select_pairs",

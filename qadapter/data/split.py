@@ -18,6 +18,11 @@ def _prompt_key(prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
+def distinct_prompts(prompts) -> list:
+    """The distinct prompts of ``prompts`` (strings or message lists), in first-seen order."""
+    return list({_prompt_key(prompt): prompt for prompt in prompts}.values())
+
+
 def split_by_prompt(dataset: Dataset, *, eval_size: int | float, seed: int = 0
                     ) -> tuple[Dataset, Dataset, dict]:
     """Split normalized pairs (see :func:`load_preference_pairs`) into train and eval by prompt.

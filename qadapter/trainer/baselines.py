@@ -13,11 +13,11 @@ itself: there is no composition with π1).
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from datasets import Dataset
 from transformers import TrainingArguments
 
+from ..data import distinct_prompts
 from ..modeling import lora_config
 
 BASELINES = ("sft", "replay", "dpo")
@@ -72,12 +72,12 @@ def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, 
             from ..generation import generate
 
             # one base answer per distinct prompt (DSP has 4 pairs per query), replayed once per prompt
-            unique = {json.dumps(p, sort_keys=True): p for p in train_pairs["prompt"]}
+            unique = distinct_prompts(train_pairs["prompt"])
             log(f"replay: answering {len(unique)} distinct training prompts ({len(train_pairs)} pairs) with the "
                 f"base model (greedy, at most {replay_new_tokens} tokens)")
-            answers = generate(model, tokenizer, list(unique.values()), alpha_0=0.0, alpha_tilde=1.0,
+            answers = generate(model, tokenizer, unique, alpha_0=0.0, alpha_tilde=1.0,
                                policy="base", max_new_tokens=replay_new_tokens)
-            data = replay_dataset(train_pairs, answers, prompts=list(unique.values()))
+            data = replay_dataset(train_pairs, answers, prompts=unique)
         args = SFTConfig(**common, max_length=config.max_length, completion_only_loss=True)
         trainer = SFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=callbacks)
