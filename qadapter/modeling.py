@@ -239,44 +239,31 @@ class QAdapter:
         """Log-probability of each response given its prompt, summed over response tokens.
 
         ``prompts`` are chat message lists (or strings, used as a single user turn); ``responses``
-        strings. ``policy`` is ``"customized"`` (π̃), ``"base"`` (π1) or ``"adapter"`` (Q̂ alone).
+        strings. ``policy`` is ``"customized"`` (π̃), ``"base"`` (π1) or ``"adapter"`` (softmax(zθ),
+        the adapter model alone). Both branches run in one forward, responses to the same prompt
+        share its computation (:func:`qadapter.scoring.score`; for several policies or decoding
+        strengths at once, call that directly); ``batch_size`` responses per forward.
         """
         from .data.tokenization import tokenize_pair
 
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            rows = []
-            for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
-                if isinstance(prompt, str):
-                    prompt = [{"role": "user", "content": prompt}]
-                completion = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-                ids = tokenize_pair(prompt, completion, completion, self.tokenizer, max_length=10**9)
-                rows.append((ids["prompt_input_ids"], ids["chosen_input_ids"]))
-            out.extend(self._score_ids(rows, policy))
-        return out
+        rows = []
+        for prompt, response in zip(prompts, responses):
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            completion = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+            ids = tokenize_pair(prompt, completion, completion, self.tokenizer, max_length=10**9)
+            rows.append((ids["prompt_input_ids"], ids["chosen_input_ids"]))
+        return self._score_ids(rows, policy, batch_size) if rows else []
 
-    def _score_ids(self, rows, policy: str) -> list[float]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(p) + len(r) for p, r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        response = torch.zeros_like(input_ids, dtype=torch.bool)
-        for i, (p, r) in enumerate(rows):  # left padding: every row ends at the last column
-            seq = list(p) + list(r)
-            input_ids[i, width - len(seq):] = torch.tensor(seq)
-            attention[i, width - len(seq):] = 1
-            response[i, width - len(r):] = True
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        if policy == "customized":
-            logits = self.logits(input_ids, attention)
-        elif policy == "base":
-            logits = self.base_logits(input_ids, attention)
-        elif policy == "adapter":
-            logits = causal_lm_logits(self.model, input_ids, attention)
-        else:
+    def _score_ids(self, rows, policy: str, batch_size: int = 8) -> list[float]:
+        """Summed log π(response | prompt) of (prompt ids, response ids) rows, by :func:`qadapter.scoring.score`."""
+        from .scoring import score
+
+        if policy not in ("customized", "base", "adapter"):
             raise ValueError(f"policy must be 'customized', 'base' or 'adapter', got {policy!r}")
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return (logp * response[:, 1:].to(logp.device)).sum(-1).tolist()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return score(self.model, [(p, r) for p, r in rows], settings=self.settings, policies=(policy,),
+                     pad_token_id=pad, batch_size=batch_size, allow_empty=True).logprobs[policy]
 
     @torch.no_grad()
     def generate(self, prompts, **kwargs):

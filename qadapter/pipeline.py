@@ -90,33 +90,24 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 @torch.no_grad()
 def pair_log_likelihoods(qadapter, tokenized, batch_size: int = 4, desc: str = "scoring pairs") -> dict[str, list[float]]:
-    """log π(y|x) of chosen and rejected responses under both π1 and π̃, from one adapter pass and
-    one base pass per sequence (the base pass serves both policies).
+    """log π(y|x) of chosen and rejected responses under both π1 and π̃, by
+    :func:`qadapter.scoring.score`: both branches in one forward, each prompt computed once for
+    its two responses, ``batch_size`` pairs per forward.
 
     Returns lists ``base_chosen``, ``base_rejected``, ``custom_chosen``, ``custom_rejected``.
     """
-    from .objective import composed_logits, taken
-    from .trainer import PreferencePairCollator
+    from .scoring import score
 
-    collate = PreferencePairCollator(qadapter.tokenizer.pad_token_id)
-    settings, device = qadapter.settings, qadapter.device
-    out = {k: [] for k in ("base_chosen", "base_rejected", "custom_chosen", "custom_rejected")}
-    was_training = qadapter.model.training
-    qadapter.model.eval()
-    for start in tqdm(range(0, len(tokenized), batch_size), desc=desc, leave=False):
-        batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
-        width_p, width = int(batch["prompt_width"]), batch["input_ids"].shape[1]
-        positions = torch.arange(width_p - 1, width - 1, device=device)
-        q, log_pi1 = qadapter.q_and_base_logprobs(batch["input_ids"].to(device), batch["attention_mask"].to(device), positions)
-        actions, mask = batch["input_ids"][:, width_p:].to(device), batch["response_mask"][:, width_p:].to(device)
-        custom = torch.log_softmax(composed_logits(q, log_pi1, settings.alpha_0, settings.alpha_tilde), -1)
-        base_ll = (taken(log_pi1, actions) * mask).sum(-1).tolist()
-        custom_ll = (taken(custom, actions) * mask).sum(-1).tolist()
-        half = len(base_ll) // 2
-        out["base_chosen"] += base_ll[:half]; out["base_rejected"] += base_ll[half:]
-        out["custom_chosen"] += custom_ll[:half]; out["custom_rejected"] += custom_ll[half:]
-    qadapter.model.train(was_training)
-    return out
+    requests = []
+    for i in range(len(tokenized)):
+        row = tokenized[i]
+        requests += [(row["prompt_input_ids"], row["chosen_input_ids"]), (row["prompt_input_ids"], row["rejected_input_ids"])]
+    pad = qadapter.tokenizer.pad_token_id if qadapter.tokenizer.pad_token_id is not None else 0
+    scores = score(qadapter.model, requests, settings=qadapter.settings, policies=("base", "customized"),
+                   pad_token_id=pad, batch_size=2 * batch_size, allow_empty=True, progress=True, desc=desc)
+    base, custom = scores.logprobs["base"], scores.logprobs["customized"]
+    return {"base_chosen": base[0::2], "base_rejected": base[1::2],
+            "custom_chosen": custom[0::2], "custom_rejected": custom[1::2]}
 
 
 def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
