@@ -4,6 +4,7 @@
     qadapter generate --adapter DIR "prompt"     answer with the customized policy
     qadapter chat --adapter DIR                  interactive chat with it
     qadapter compare --output-dir DIR [flags]    Q-Adapter vs SFT / Replay / DPO: retention and preference
+    qadapter serve --adapter NAME=DIR            an OpenAI-compatible server with a web playground
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import train
 
         return train.main(argv[1:])
-    from .commands import chat, compare, generate
+    from .commands import chat, compare, generate, serve
     from .commands import train as train_cmd
 
     parser = argparse.ArgumentParser(prog="qadapter", description="Customize a chat LLM to new preferences "
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_parser(sub)
     chat.add_parser(sub)
     compare.add_parser(sub)
+    serve.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

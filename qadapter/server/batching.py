@@ -1,0 +1,357 @@
+"""The decoder: one thread that owns the model and decodes concurrent requests together.
+
+Requests become :class:`Row` s (one prompt each) in a bounded queue. The decoder thread takes the
+oldest row, waits a few milliseconds for more (``batch_wait``), and decodes up to ``max_batch`` rows
+in ONE batch through the fast engine of :mod:`qadapter.generation`: one forward per token for the
+base branch and the adapter branch of every row (dynamic batching; rows that arrive while a batch
+runs wait for the next one). A batch holds the rows of one adapter plus any base-model rows, since
+a base row needs no adapter; every row keeps its own settings: its strength (α0, α̃), greedy or
+sampled, temperature, top-p, top-k, seed, stop strings and token budget.
+
+Exactness: each row's logits are composed from its own two branches with its own α's by the same
+function ``QAdapter.generate`` uses (:func:`qadapter.objective.customized_logits`); greedy rows take
+the argmax of their own row, sampled rows draw from their own ``torch.Generator`` (seeded per
+request), through transformers' warpers in transformers' order. In a decoder no operation mixes
+batch rows and left padding is masked with position ids that ignore it, so a row decodes what it
+would decode alone, whatever else is in the batch: the tokens of a greedy request equal
+``QAdapter.generate`` for that prompt alone (tests check both; in floating point a matrix product
+over more rows may round differently in the last bit, which could only matter at an exact tie).
+
+A row whose client went away is marked cancelled: the decoder stops it at the next step (it is fed
+padding like a finished row) and the batch ends as soon as every row is finished or cancelled.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import generation as G
+from ..objective import customized_logits
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` rows already (answer 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(Exception):
+    """The decoder is not running (shutting down, or it failed): answer 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt to decode, with its own settings, and where its tokens go.
+
+    ``alphas`` is (α0, α̃) of the customized policy, or None for the base model π1 (then ``adapter``
+    is None). ``temperature == 0`` means greedy. ``emit(event)`` is called from the decoder thread
+    with ``("delta", text)`` as text becomes final and once with ``("done", finish_reason, n_tokens)``
+    (or ``("error", message)``).
+    """
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    emit: Callable[[tuple], None]
+    adapter: str | None = None  # public adapter name; None: the base model
+    alphas: tuple[float, float] | None = None
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
+    # filled while decoding
+    new_ids: list[int] = field(default_factory=list)
+    emitted: str = ""
+    finish_reason: str | None = None
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class _Text:
+    """Incremental detokenization of one row with OpenAI's stop-string semantics (the stop string
+    ends the answer and is not part of it; text that could be the start of one is held back)."""
+
+    def __init__(self, tokenizer, lock, stop: tuple[str, ...]):
+        self.tokenizer, self.lock, self.stop = tokenizer, lock, stop
+
+    def full(self, ids) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def update(self, row: Row, final: bool) -> tuple[str, bool]:
+        """(newly final text, whether a stop string was completed)."""
+        text = self.full(row.new_ids)
+        hit = False
+        if self.stop:
+            cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            if cuts:
+                text, hit, final = text[:min(cuts)], True, True
+        if not final:
+            keep = len(text)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                keep = len(text.rstrip("\ufffd"))
+            hold = 0  # the longest suffix that may still grow into a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, keep), hold, -1):
+                    if text[:keep].endswith(s[:k]):
+                        hold = k
+                        break
+            text = text[:keep - hold]
+        if not text.startswith(row.emitted):  # the tokenizer rewrote earlier text: send only what extends it
+            return "", hit
+        delta = text[len(row.emitted):]
+        row.emitted = text
+        return delta, hit
+
+
+class BatchDecoder:
+    """Decodes a list of rows of (at most) one adapter in one batch, each with its own settings."""
+
+    def __init__(self, served, stats: dict | None = None):
+        self.served = served
+        self.model = served.model
+        self.tokenizer = served.tokenizer
+        self.eos = G.eos_token_ids(self.model, self.tokenizer)
+        self.pad_id = G._pad_id(self.model, self.tokenizer, self.eos)
+        self.device = next(self.model.parameters()).device
+        self.stats = stats if stats is not None else collections.Counter()
+
+    def _engine(self, adapter_name: str | None, batch: int):
+        """A fast (or, where the adapter cannot share a batch, reference) engine that returns the raw
+        (adapter logits, base logits) of every row instead of one policy's logits."""
+        if adapter_name is None:
+            policy, parameterization = "base", "full"
+        else:
+            served = self.served.adapters[adapter_name]
+            self.model.set_adapter(served.peft_name)
+            policy, parameterization = "customized", "residual"  # any setting that runs both branches
+        fast = G._fast_supported(self.model, policy, 1.0, parameterization)
+        Engine = G._FastEngine if fast else G._ReferenceEngine
+        engine = Engine(self.model, policy, 1.0, 1.0, batch, parameterization, 1.0)
+        engine.compose = lambda q, base: (q, base)
+        return engine
+
+    def decode(self, rows: list[Row]) -> None:
+        adapters = {r.adapter for r in rows if r.adapter is not None}
+        if len(adapters) > 1:
+            raise ValueError(f"one batch decodes one adapter, got {sorted(adapters)}")
+        adapter = next(iter(adapters), None)
+        settings = self.served.adapters[adapter].settings if adapter else None
+        B = len(rows)
+        input_ids, attention_mask = G.left_pad([r.prompt_ids for r in rows], self.pad_id, self.device)
+        P = input_ids.shape[1]
+        T = max(r.max_new_tokens for r in rows)
+        texts = [_Text(self.tokenizer, self.served.tokenizer_lock, r.stop) for r in rows]
+        # rows grouped by policy: None = base, else (α0, α̃); each group composed by one call
+        groups: dict = collections.defaultdict(list)
+        for i, r in enumerate(rows):
+            groups[r.alphas].append(i)
+        groups = {k: torch.tensor(v, device=self.device) for k, v in groups.items()}
+        processors, generators = [], []
+        for r in rows:
+            sampled = r.temperature > 0
+            processors.append(G._logits_processors(P, 0, self.eos, self.device, True, r.temperature, r.top_k, r.top_p)
+                              if sampled else None)
+            gen = None
+            if sampled and r.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(int(r.seed))
+            generators.append(gen)
+        greedy = torch.tensor([i for i, r in enumerate(rows) if r.temperature <= 0], dtype=torch.long,
+                              device=self.device)
+        sampled_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
+        eos_t = torch.tensor(self.eos, dtype=torch.long, device=self.device) if self.eos else None
+        pad_t = torch.tensor(self.pad_id, dtype=torch.long, device=self.device)
+        active = [True] * B
+
+        def compose(q, base):
+            if len(groups) == 1 and None in groups:
+                return base
+            out = torch.empty_like(base)
+            for alphas, idx in groups.items():
+                whole = len(idx) == B
+                b = base if whole else base[idx]
+                if alphas is None:
+                    logits = b
+                else:
+                    logits = customized_logits(q if whole else q[idx], b, parameterization=settings.parameterization,
+                                               q_scale=settings.q_scale, alpha_0=alphas[0], alpha_tilde=alphas[1])
+                if whole:
+                    return logits
+                out[idx] = logits
+            return out
+
+        was_training = self.model.training
+        self.model.eval()
+        engine = self._engine(adapter, B)
+        self.stats["batches"] += 1
+        self.stats["rows"] += B
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], B)
+        try:
+            with torch.inference_mode():
+                seqs = torch.empty((B, P + T), dtype=torch.long, device=self.device)
+                seqs[:, :P] = input_ids
+                logits = compose(*engine.prefill(input_ids, attention_mask, P + T))
+                for step in range(T):
+                    cur = P + step
+                    tokens = torch.empty(B, dtype=torch.long, device=self.device)
+                    if len(greedy):
+                        tokens[greedy] = logits[greedy].argmax(dim=-1)
+                    for i in sampled_rows:
+                        scores = processors[i](seqs[i:i + 1, :cur], logits[i:i + 1])
+                        probs = torch.softmax(scores, dim=-1)
+                        tokens[i] = torch.multinomial(probs, num_samples=1, generator=generators[i])[0, 0]
+                    for i, r in enumerate(rows):  # cancelled rows stop here, before their token counts
+                        if active[i] and r.cancelled.is_set():
+                            active[i] = False
+                            r.finish_reason = FINISH_CANCELLED
+                            self.stats["rows_cancelled"] += 1
+                    act = torch.tensor(active, device=self.device)
+                    tokens = torch.where(act, tokens, pad_t)
+                    seqs[:, cur] = tokens
+                    is_eos = torch.isin(tokens, eos_t).tolist() if eos_t is not None else [False] * B
+                    token_list = tokens.tolist()
+                    for i, r in enumerate(rows):
+                        if not active[i]:
+                            continue
+                        r.new_ids.append(token_list[i])
+                        self.stats["tokens"] += 1
+                        out_of_budget = len(r.new_ids) >= r.max_new_tokens
+                        delta, hit = texts[i].update(r, final=is_eos[i] or out_of_budget)
+                        if delta:
+                            r.emit(("delta", delta))
+                        if is_eos[i] or hit or out_of_budget:
+                            active[i] = False
+                            r.finish_reason = FINISH_STOP if (is_eos[i] or hit) else FINISH_LENGTH
+                            r.emit(("done", r.finish_reason, len(r.new_ids)))
+                    if not any(active):
+                        break
+                    logits = compose(*engine.step(tokens))
+        except BaseException as exc:
+            for i, r in enumerate(rows):
+                if r.finish_reason is None:
+                    r.finish_reason = FINISH_ERROR
+                    r.emit(("error", f"decoding failed: {type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            engine.close()
+            if was_training:
+                self.model.train()
+
+
+class Scheduler:
+    """A bounded queue of rows and the decoder thread that batches them."""
+
+    def __init__(self, served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.01):
+        if max_batch < 1 or max_queue < 1 or not batch_wait >= 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and batch_wait >= 0")
+        self.served, self.max_batch, self.max_queue, self.batch_wait = served, max_batch, max_queue, batch_wait
+        self.stats = collections.Counter()
+        self.decoder = BatchDecoder(served, self.stats)
+        self.pending: collections.deque[Row] = collections.deque()
+        self.running = 0
+        self.cv = threading.Condition()
+        self.closed = False
+        self.failure: str | None = None
+        self.last_batch_seconds = 1.0
+        self.thread = threading.Thread(target=self._loop, name="qadapter-decoder", daemon=True)
+
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self.cv:
+            self.closed = True
+            for r in self.pending:
+                r.cancel()
+            self.cv.notify_all()
+        if self.thread.ident is not None and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.last_batch_seconds))
+
+    def submit(self, rows: list[Row]) -> None:
+        """Queue the rows of one request (all or none)."""
+        with self.cv:
+            if self.closed or self.failure or not self.thread.is_alive():
+                raise Unavailable("the server is not accepting requests: "
+                                  + (self.failure or "it is shutting down"), self.retry_after())
+            queued = sum(1 for r in self.pending if not r.cancelled.is_set())
+            if queued + len(rows) > self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull(f"the server is busy: {queued} prompts are waiting (at most {self.max_queue}); "
+                                "retry later", self.retry_after())
+            self.pending.extend(rows)
+            self.cv.notify_all()
+
+    def snapshot(self) -> dict:
+        with self.cv:
+            return {"queued": sum(1 for r in self.pending if not r.cancelled.is_set()), "running": self.running,
+                    **{k: int(v) for k, v in self.stats.items()}}
+
+    def _take(self) -> list[Row] | None:
+        """Wait for rows and take the next batch (None: closed)."""
+        with self.cv:
+            while True:
+                while self.pending and self.pending[0].cancelled.is_set():
+                    self.pending.popleft()
+                if self.closed:
+                    return None
+                if self.pending:
+                    break
+                self.cv.wait()
+            deadline = self.pending[0].arrived + self.batch_wait
+            while len(self.pending) < self.max_batch and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            if self.closed:
+                return None
+            live = [r for r in self.pending if not r.cancelled.is_set()]
+            adapter = next((r.adapter for r in live if r.adapter is not None), None)
+            batch = [r for r in live if r.adapter in (None, adapter)][:self.max_batch]
+            taken = set(map(id, batch))
+            self.pending = collections.deque(r for r in live if id(r) not in taken)
+            self.running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            start = time.monotonic()
+            try:
+                self.decoder.decode(batch)
+            except Exception as exc:  # the rows were told; the server keeps serving
+                self.stats["batch_errors"] += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.last_batch_seconds = time.monotonic() - start
+                with self.cv:
+                    self.running = 0
+                    self.cv.notify_all()
+

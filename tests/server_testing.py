@@ -1,0 +1,100 @@
+"""Helpers for the server tests: tiny saved Q-Adapters and a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import make_tiny_tokenizer, randomize_lora
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads that
+    wait for each other at every op make these tests many times slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_base(tok, seed: int = 0, endless: bool = False, context: int = 8192):
+    """A 2-layer random Llama. ``endless``: its end-of-turn logit is always 0, so greedy decoding
+    (almost surely) never ends by itself: for the tests that need a long generation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                      initializer_range=0.2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg).eval()
+    base.generation_config.eos_token_id = tok.eos_token_id
+    base.generation_config.pad_token_id = tok.pad_token_id
+    if endless:
+        with torch.no_grad():
+            base.lm_head.weight[tok.eos_token_id] = 0.0
+    return base
+
+
+def save_adapters(root, endless: bool = False, context: int = 8192) -> dict[str, str]:
+    """A saved base model plus two adapters on it: ``tiny`` (residual, random LoRA) and ``tiny-full``
+    (the authors' full parameterization). Returns {name: adapter folder}."""
+    from qadapter.modeling import QAdapter, QAdapterSettings, lora_config
+
+    tok = make_tiny_tokenizer()
+    base_dir = root / "tiny-base"
+    base = tiny_base(tok, endless=endless, context=context)
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    out = {}
+    for name, settings, seed in (("tiny", QAdapterSettings(alpha_tilde=1.0, base_model_name_or_path=str(base_dir)), 1),
+                                 ("tiny-full", QAdapterSettings(parameterization="full", alpha_0=0.5, alpha_tilde=0.8,
+                                                                base_model_name_or_path=str(base_dir)), 2)):
+        qa = QAdapter.create(tiny_base(tok, endless=endless, context=context), tok, settings,
+                             lora_config(r=4, lora_alpha=8, lora_dropout=0.0))
+        randomize_lora(qa.model, seed=seed)
+        qa.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+@contextlib.contextmanager
+def running_server(served, **app_kwargs):
+    """A real uvicorn server for ``served`` on 127.0.0.1 (a free port), in a thread; yields
+    (base URL, app). Stops it (and its decoder thread) on exit."""
+    import uvicorn
+
+    from qadapter.server.app import create_app
+
+    app = create_app(served, **app_kwargs)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.state.scheduler.close()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate`` until it is truthy (returns it) or ``timeout`` passes (returns the last value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
