@@ -308,14 +308,15 @@ def _prepare(requests, max_length: int | None, share_prompt: bool, allow_empty: 
 
 
 def _batches(groups, batch_size: int, batch_tokens: int):
-    batch, width, count = [], 0, 0
+    """Consecutive groups (longest first), at most ``batch_size`` rows and rows × width tokens."""
+    batch, width = [], 0
     for g in groups:
         size = len(g[0]) + sum(len(c) - 1 for _, c in g[1])
-        if batch and (count + len(g[1]) > batch_size or (len(batch) + 1) * max(width, size) > batch_tokens):
+        if batch and (len(batch) + 1 > batch_size or (len(batch) + 1) * max(width, size) > batch_tokens):
             yield batch
-            batch, width, count = [], 0, 0
+            batch, width = [], 0
         batch.append(g)
-        width, count = max(width, size), count + len(g[1])
+        width = max(width, size)
     if batch:
         yield batch
 
@@ -341,7 +342,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
           policies: Sequence[str] = ("customized",), strengths: Sequence[float] = (),
           alphas: Sequence[tuple[float, float]] = (), greedy: bool = False, kl: str | None = None,
           reference: tuple[Any, str] | None = None, pad_token_id: int = 0, max_length: int | None = None,
-          batch_size: int = 16, batch_tokens: int = 8192, share_prompt: bool = True, one_forward: bool = True,
+          batch_size: int = 8, batch_tokens: int = 8192, share_prompt: bool = True, one_forward: bool = True,
           allow_empty: bool = False, progress: bool = False, desc: str = "scoring") -> Scores:
     """log π(continuation | context) for each ``(context_ids, continuation_ids)`` request, summed
     over the continuation's tokens, under every requested policy, from one forward per batch.
@@ -359,8 +360,9 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
         reference: ``(other_model, branch)`` whose ``branch`` (``"base"`` / ``"adapter"``) is π1
             for ``kl`` (e.g. a separately loaded base model); run on the same batches.
         max_length: inputs longer than this lose tokens on the left of the context.
-        batch_size, batch_tokens: at most this many continuations, and rows × width tokens per
-            branch, in one forward (a group sharing a prompt is never split).
+        batch_size, batch_tokens: at most this many rows (each one prompt with all its
+            continuations; one request per row without sharing), and rows × width tokens, per
+            branch in one forward (a row alone may exceed ``batch_tokens``).
         share_prompt, one_forward: the two savings; off, the scorer runs one row per request and
             two passes (same numbers, for comparisons).
         allow_empty: an empty continuation scores 0 (an empty product) instead of raising.
@@ -436,6 +438,9 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
                 ref_lp = None
                 if ref_states is not None:
                     ref_lp = F.log_softmax(_project(ref_states[rows], ref_head).to(actions.device), dim=-1)
+                    if ref_lp.shape[-1] != z["base" if "base" in z else "adapter"].shape[-1]:
+                        raise ValueError(f"vocabulary sizes differ ({ref_lp.shape[-1]} vs the model's): "
+                                         "the reference must share the tokenizer")
                 for name, spec in specs.items():
                     if spec[0] == "base":
                         lp = log_pi1

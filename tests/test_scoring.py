@@ -280,3 +280,44 @@ def test_pair_log_likelihoods_and_qadapter_score_use_it(parameterization, tiny_t
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(ref[policy], dtype=torch.float64), **TOL)
     texts = qa.score(["w1 w2", "w3"], ["w4 w5 w6", "w7"], policy="base")
     assert len(texts) == 2 and all(t < 0 for t in texts)
+
+
+def test_evaluators_score_through_it(tiny_tokenizer, monkeypatch):
+    """continuation_logprobs (MMLU/ARC/lm-eval), preference scoring and the KL go through the one
+    scorer for every known policy, and give what each policy's own logits give."""
+    from qadapter.evaluation import divergence
+    from qadapter.evaluation import scoring as ev
+    from qadapter.evaluation.policy import HFPolicy, base_policy
+    from qadapter.modeling import QAdapter
+
+    model = peft_model()
+    qa = QAdapter(model, tiny_tokenizer, QAdapterSettings(alpha_tilde=0.8))
+    other = HFPolicy(tiny_llama(seed=12), tiny_tokenizer)
+    peft_policy = HFPolicy(model, tiny_tokenizer)
+    policies = [qa, base_policy(qa), peft_policy, base_policy(peft_policy), other]
+    reqs = requests(seed=11)
+    calls = []
+    real = ev.score
+    monkeypatch.setattr(ev, "score", lambda *a, **k: calls.append(k["policies"]) or real(*a, **k))
+    for policy in policies:
+        got = ev.continuation_logprobs(policy, reqs, progress=False)
+        want = ev._logits_continuation_logprobs(policy, reqs, progress=False)  # through policy.logits
+        torch.testing.assert_close(torch.tensor([s for s, _ in got], dtype=torch.float64),
+                                   torch.tensor([s for s, _ in want], dtype=torch.float64), **TOL)
+        assert [g for _, g in got] == [g for _, g in want]
+    assert len(calls) == len(policies)
+    calls.clear()
+    both = ev.policies_logprobs([qa, base_policy(qa)], reqs, progress=False)  # π̃ and π1: one scorer call
+    assert calls == [["customized", "base"]]
+    assert both[1] == ev.continuation_logprobs(base_policy(qa), reqs, progress=False)
+
+    rows = [(i, list(c), list(y)) for i, (c, y) in enumerate(reqs)]
+    monkeypatch.setattr(divergence, "score", lambda *a, **k: calls.append(("kl", k["reference"] is None)) or real(*a, **k))
+    for policy, base in ((qa, base_policy(qa)), (qa, other), (peft_policy, base_policy(peft_policy)), (other, other)):
+        for direction in ("policy||base", "base||policy"):
+            calls.clear()
+            got = divergence._kl_sums(policy, base, rows, direction, 4, False)
+            assert calls == [("kl", base is not other or policy is other)]  # own base branch: no second model
+            want = divergence._logits_kl_sums(policy, base, rows, direction, 4, False)
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                       **TOL)

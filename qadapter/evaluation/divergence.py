@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .benchmarks import load_general_prompts
 from ..generation import encode_prompt, left_pad
 from .policy import call_logits, encode, pad_token_id
-from .scoring import generate_texts
+from ..scoring import score
+from .scoring import _shared, generate_texts, scorer_source
 from .stats import EvalResult, make_metric, subsample
 
 __all__ = ["kl_from_base", "token_kl"]
@@ -74,33 +75,14 @@ def kl_from_base(policy, base, *, prompts: Sequence[Any] | None = None, response
     if len(responses) != len(prompts):
         raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
     tok = base.tokenizer
-    rows = []  # (index, fed ids, number of response tokens)
+    rows = []  # (index, prompt ids, response ids)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         resp = encode(tok, response)
         if resp:
-            rows.append((i, encode_prompt(tok, prompt) + resp[:-1], len(resp)))
-    rows.sort(key=lambda r: -len(r[1]))
-    per_prompt: dict[int, float] = {}
-    n_tokens = 0
-    total = 0.0
-    pad = pad_token_id(tok)
-    bar = tqdm(total=len(rows), desc="KL", disable=not progress, leave=False)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        ids, mask = left_pad([r[1] for r in batch], pad, policy.device)
-        keep = max(r[2] for r in batch)
-        lp = call_logits(policy, ids, mask, keep_last=keep)
-        lq = call_logits(base, ids.to(base.device), mask.to(base.device), keep_last=keep).to(lp.device)
-        if lp.shape[-1] != lq.shape[-1]:
-            raise ValueError(f"vocabulary sizes differ ({lp.shape[-1]} vs {lq.shape[-1]}): the policies must share a tokenizer")
-        kl = token_kl(lp, lq) if direction == "policy||base" else token_kl(lq, lp)  # (B, keep)
-        for row, (i, _, n) in enumerate(batch):
-            values = kl[row, keep - n:]
-            per_prompt[i] = float(values.mean())
-            total += float(values.sum())
-            n_tokens += n
-        bar.update(len(batch))
-    bar.close()
+            rows.append((i, encode_prompt(tok, prompt), resp))
+    sums = _kl_sums(policy, base, rows, direction, batch_size, progress)
+    per_prompt = {i: s / len(resp) for (i, _, resp), s in zip(rows, sums)}
+    total, n_tokens = float(sum(sums)), sum(len(r[2]) for r in rows)
     order = sorted(per_prompt)
     values = [per_prompt[i] for i in order]
     result = EvalResult("kl_from_base", len(values), {"kl": make_metric(values, n_boot, seed)}, "kl",
@@ -111,3 +93,49 @@ def kl_from_base(policy, base, *, prompts: Sequence[Any] | None = None, response
                         skipped_empty=len(prompts) - len(values), prompts=prompts, responses=list(responses),
                         kl_max_prompt=float(np.max(values)) if values else float("nan"))
     return result
+
+
+def _kl_sums(policy, base, rows, direction: str, batch_size: int, progress: bool) -> list[float]:
+    """Σ_t KL at the states before each response token, per (index, prompt ids, response ids) row.
+
+    By :func:`qadapter.scoring.score` when both policies are known to it and ``base`` is a branch
+    (a base view, a plain or PEFT model): from the policy's own forward when ``base`` is its own
+    base branch (one forward for π̃ and π1), else with ``base``'s model run on the same batches.
+    Other policies go through their ``logits``.
+    """
+    if not rows:
+        return []
+    src_p, src_b = scorer_source(policy), scorer_source(base)
+    if src_p is not None and src_b is not None and not (base is policy and src_p[2] != "base"):
+        requests = [(prompt, resp) for _, prompt, resp in rows]
+        model, settings, name = src_p
+        shared = _shared([src_p, src_b])
+        reference = None if shared is not None and src_b[2] == "base" else (src_b[0], src_b[2])
+        if shared is not None and reference is None:
+            settings = shared[1]
+        scores = score(model, requests, settings=settings, policies=(name,), kl=direction, reference=reference,
+                       pad_token_id=pad_token_id(policy.tokenizer), batch_size=batch_size, progress=progress, desc="KL")
+        return scores.kl[name]
+    return _logits_kl_sums(policy, base, rows, direction, batch_size, progress)
+
+
+def _logits_kl_sums(policy, base, rows, direction: str, batch_size: int, progress: bool) -> list[float]:
+    """:func:`_kl_sums` through the policies' ``logits``: left-padded rows, the last positions."""
+    fed = sorted(range(len(rows)), key=lambda r: -(len(rows[r][1]) + len(rows[r][2])))
+    sums = [0.0] * len(rows)
+    pad = pad_token_id(base.tokenizer)
+    bar = tqdm(total=len(rows), desc="KL", disable=not progress, leave=False)
+    for start in range(0, len(fed), batch_size):
+        batch = fed[start:start + batch_size]
+        ids, mask = left_pad([rows[r][1] + rows[r][2][:-1] for r in batch], pad, policy.device)
+        keep = max(len(rows[r][2]) for r in batch)
+        lp = call_logits(policy, ids, mask, keep_last=keep)
+        lq = call_logits(base, ids.to(base.device), mask.to(base.device), keep_last=keep).to(lp.device)
+        if lp.shape[-1] != lq.shape[-1]:
+            raise ValueError(f"vocabulary sizes differ ({lp.shape[-1]} vs {lq.shape[-1]}): the policies must share a tokenizer")
+        kl = token_kl(lp, lq) if direction == "policy||base" else token_kl(lq, lp)  # (B, keep)
+        for row, r in enumerate(batch):
+            sums[r] = float(kl[row, keep - len(rows[r][2]):].sum())
+        bar.update(len(batch))
+    bar.close()
+    return sums

@@ -9,7 +9,7 @@ import numpy as np
 from .benchmarks import load_general_prompts
 from .judges import judge_many
 from .policy import encode, render_chat
-from .scoring import continuation_logprobs, generate_texts
+from .scoring import generate_texts, policies_logprobs
 from .stats import EvalResult, make_metric, subsample
 
 __all__ = ["evaluate_preferences", "win_rate", "split_pair", "encode_prompt_response"]
@@ -64,7 +64,9 @@ def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit
     * ``base_likelihood_accuracy``: log π1(y_w|x) > log π1(y_l|x) (the same for every policy).
 
     Ties count half (so the base model itself gets margin_accuracy 0.5 and mean_margin 0). Responses
-    are scored as the assistant turn of the chat template (end-of-turn tokens included).
+    are scored as the assistant turn of the chat template (end-of-turn tokens included), by
+    :func:`~qadapter.evaluation.scoring.policies_logprobs`: each prompt computed once for both
+    answers, and for a policy whose ``base`` is its own base view, both from the same forwards.
     """
     rows = subsample(list(enumerate(pairs)), limit, seed)
     tok = policy.tokenizer
@@ -73,13 +75,11 @@ def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit
         prompt, chosen, rejected = split_pair(row)
         requests.append(encode_prompt_response(tok, prompt, chosen))
         requests.append(encode_prompt_response(tok, prompt, rejected))
-    lp = np.asarray([s for s, _ in continuation_logprobs(policy, requests, batch_size=batch_size, max_length=max_length,
-                                                         progress=progress, desc=f"{task}: policy")]).reshape(-1, 2)
-    if base is policy:
-        lb = lp
-    else:
-        lb = np.asarray([s for s, _ in continuation_logprobs(base, requests, batch_size=batch_size, max_length=max_length,
-                                                             progress=progress, desc=f"{task}: base")]).reshape(-1, 2)
+    # one scorer for both; a policy and its own base (a Q-Adapter and π1) share every forward
+    scored = policies_logprobs([policy] if base is policy else [policy, base], requests, batch_size=batch_size,
+                               max_length=max_length, progress=progress, desc=task)
+    lp = np.asarray([s for s, _ in scored[0]]).reshape(-1, 2)
+    lb = lp if base is policy else np.asarray([s for s, _ in scored[1]]).reshape(-1, 2)
     margin = (lp[:, 0] - lb[:, 0]) - (lp[:, 1] - lb[:, 1])
     likelihood = _ties_half(lp[:, 0] - lp[:, 1])
     margin_acc = _ties_half(margin)
