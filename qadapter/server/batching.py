@@ -272,6 +272,7 @@ class Scheduler:
         self.closed = False
         self.failure: str | None = None
         self.last_batch_seconds = 1.0
+        self.free_since = 0.0
         self.thread = threading.Thread(target=self._loop, name="qadapter-decoder", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -320,7 +321,9 @@ class Scheduler:
                 if self.pending:
                     break
                 self.cv.wait()
-            deadline = self.pending[0].arrived + self.batch_wait
+            # wait for company from when the first row arrived or the decoder became free, whichever
+            # is later: clients whose answers just ended send their next request a moment later
+            deadline = max(self.pending[0].arrived, self.free_since) + self.batch_wait
             while len(self.pending) < self.max_batch and not self.closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -353,5 +356,6 @@ class Scheduler:
                 self.last_batch_seconds = time.monotonic() - start
                 with self.cv:
                     self.running = 0
+                    self.free_since = time.monotonic()
                     self.cv.notify_all()
 
