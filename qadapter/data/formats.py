@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
-from pyarrow import ArrowInvalid, ArrowTypeError
+from pyarrow import ArrowException
+
+from ..errors import UserError, option
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ _HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant): ?")
 _OWN_KEYS = ("prompt", "chosen", "rejected", "row", "source")
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(UserError):
     """Bad preference data. ``reason`` is a short category (e.g. "empty response")."""
 
     def __init__(self, message: str, *, reason: str = "invalid data", source: str | None = None,
@@ -78,6 +80,7 @@ class LoadReport:
     n_read: int = 0
     n_kept: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row, reason category)
+    n_duplicates: int = 0  # kept rows whose (prompt, chosen, rejected) repeats an earlier row (kept)
     details: list[str] = field(default_factory=list)  # the full message for each skipped row
 
     @property
@@ -89,6 +92,8 @@ class LoadReport:
         if self.skipped:
             reasons = ", ".join(f"{n} {r}" for r, n in self.counts_by_reason.items())
             text += f", skipped {len(self.skipped)} ({reasons})"
+        if self.n_duplicates:
+            text += f"; {self.n_duplicates} kept rows repeat an earlier pair"
         return text
 
 
@@ -111,6 +116,8 @@ def _read_json_lines(data: bytes):
             continue
         try:
             items.append((lineno, json.loads(text)))
+        except RecursionError:
+            items.append((lineno, _RowError("invalid JSON", "JSON nested too deeply to be a preference pair")))
         except json.JSONDecodeError as e:
             items.append((lineno, _RowError(
                 "invalid JSON", f"invalid JSON ({e.msg} at column {e.colno}); "
@@ -125,13 +132,21 @@ def _read_file(path: Path):
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return "row", list(enumerate(pq.read_table(path).to_pylist()))
+        try:
+            return "row", list(enumerate(pq.read_table(path).to_pylist()))
+        except (ArrowException, OSError, ValueError, TypeError) as e:
+            raise PreferenceDataError(f"{path.name}: not a readable parquet file ({str(e)[:200]})",
+                                      reason="unreadable file", source=path.name) from None
     if suffix not in (".json", ".jsonl"):
         raise PreferenceDataError(
             f"{path}: unknown extension '{path.suffix}'; give a .json, .jsonl or .parquet file, "
             "or load it yourself and pass a datasets.Dataset", reason="unknown extension",
             source=path.name)
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # tolerate a UTF-8 byte order mark
+    try:
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # tolerate a UTF-8 byte order mark
+    except OSError as e:
+        raise PreferenceDataError(f"{path}: cannot read it ({e.strerror or e})", reason="unreadable file",
+                                  source=path.name) from None
     if suffix == ".jsonl" or not data.lstrip().startswith(b"["):
         return "line", _read_json_lines(data)
     # A JSON array is parsed as a whole, so a bad byte or syntax error cannot be skipped.
@@ -145,6 +160,9 @@ def _read_file(path: Path):
             row=line) from None
     try:
         rows = json.loads(text)
+    except RecursionError:
+        raise PreferenceDataError(f"{path.name}: JSON nested too deeply to hold preference pairs",
+                                  reason="invalid JSON", source=path.name) from None
     except json.JSONDecodeError as e:
         raise PreferenceDataError(
             f"{path.name}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the file "
@@ -229,8 +247,8 @@ def _check_responses(chosen: str, rejected: str, allow_empty: bool) -> None:
     for key, text in (("chosen", chosen), ("rejected", rejected)):
         if not allow_empty and not text.strip():
             raise _RowError("empty response", f"the {key} response is empty; drop the row, fill "
-                            "in the response, or pass allow_empty_response=True if an empty "
-                            "reply is meant (it still ends with the end-of-turn token)")
+                            "in the response, or pass " + option("allow_empty_response", True)
+                            + " if an empty reply is meant (it still ends with the end-of-turn token)")
     if chosen == rejected:
         raise _RowError("chosen identical to rejected", "chosen and rejected responses are "
                         "identical, so the pair carries no preference; drop the row")
@@ -351,6 +369,16 @@ def load_preference_pairs(source: Any, *, skip_invalid: bool = False,
         except _RowError:
             continue
     rows = []
+
+    def reject(n: int, err: _RowError) -> None:
+        message = f"{name}, {label} {n}: {err.message}"
+        if not skip_invalid:
+            raise PreferenceDataError(
+                message + f" (or pass {option('skip_invalid', True)} to skip bad rows)",
+                reason=err.reason, source=name, row=n) from None
+        report.skipped.append((n, err.reason))
+        report.details.append(message)
+
     for n, item in items:
         report.n_read += 1
         try:
@@ -359,24 +387,58 @@ def load_preference_pairs(source: Any, *, skip_invalid: bool = False,
             pair = _normalize_row(item, report.format, allow_empty_response)
             rows.append({**pair, "row": n, "source": name})
         except _RowError as err:
-            message = f"{name}, {label} {n}: {err.message}"
-            if not skip_invalid:
-                raise PreferenceDataError(
-                    message + " (or pass skip_invalid=True to skip bad rows)",
-                    reason=err.reason, source=name, row=n) from None
-            report.skipped.append((n, err.reason))
-            report.details.append(message)
+            reject(n, err)
+    try:
+        dataset = Dataset.from_list(rows) if rows else None
+    except _ARROW_ERRORS:
+        # Find the rows that cannot be stored on their own (an integer beyond 64 bits, a lone
+        # surrogate, ...); what is left can only fail on a key whose type differs across rows.
+        for pair in list(rows):
+            problem = _unstorable(pair)
+            if problem:
+                reject(pair["row"], _RowError("unstorable value", problem))
+                rows.remove(pair)
+        try:
+            dataset = Dataset.from_list(rows) if rows else None
+        except _ARROW_ERRORS as e:
+            raise PreferenceDataError(f"{name}: {_mixed_types(rows) or e}; give each key one type",
+                                      reason="wrong type", source=name) from None
     report.n_kept = len(rows)
     if not rows:
         raise PreferenceDataError(f"{name}: no valid preference pairs ({report.summary()})",
                                   reason="no rows", source=name)
+    n_unique = len({json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True) for r in rows})
+    report.n_duplicates = len(rows) - n_unique
     if report.skipped:
         logger.warning("%s; first problem: %s", report.summary(), report.details[0])
-    try:
-        return Dataset.from_list(rows), report
-    except (ArrowInvalid, ArrowTypeError) as e:  # e.g. an extra key that is a number, then text
-        raise PreferenceDataError(f"{name}: a key has different types across rows ({e}); give "
-                                  "each key one type", reason="wrong type", source=name) from None
+    return dataset, report
+
+
+_ARROW_ERRORS = (ArrowException, OverflowError, TypeError, ValueError, UnicodeError)
+
+
+def _unstorable(pair: dict) -> str | None:
+    """Why this one normalized row cannot be stored in a dataset (None: it can)."""
+    for key, value in pair.items():
+        try:
+            Dataset.from_list([{key: value}])
+        except _ARROW_ERRORS as e:
+            return f"the value of '{key}' cannot be stored ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def _mixed_types(rows: list[dict]) -> str | None:
+    """'key 'x' is int in row 3 but str in row 7' for the first key whose type differs across rows."""
+    seen: dict[str, tuple[str, Any]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if value is None:
+                continue
+            kind = type(value).__name__
+            if key in seen and seen[key][0] != kind:
+                return (f"key '{key}' is {seen[key][0]} in row {seen[key][1]} but {kind} in row {r['row']}")
+            seen.setdefault(key, (kind, r["row"]))
+    return None
 
 
 def load_embedded_pairs() -> tuple[Dataset, LoadReport]:

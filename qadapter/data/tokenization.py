@@ -15,6 +15,13 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from ..errors import ConfigError, option
+from .formats import PreferenceDataError
+
+#: tokenize_pairs refuses a max_length that leaves no room for the prompt of more than this share
+#: of the pairs (their longer response alone fills max_length, so the prompt would be cut away).
+MAX_PROMPT_CUT_SHARE = 0.5
+
 _NOT_PREFIX_WARNING = (
     "the chat template renders the prompt differently when a response follows it (some "
     "templates rewrite earlier turns), so the prompt ids are not a prefix of prompt + response. "
@@ -36,8 +43,10 @@ class TokenizeReport:
     n_response_truncated: int = 0  # pairs where chosen or rejected was cut
     n_prompt_not_prefix: int = 0
     n_response_no_eos: int = 0
+    n_no_room_for_prompt: int = 0  # pairs whose longer response alone fills max_length
     max_length: int = 512
     max_prompt_length: int | None = None
+    longest_pair: int = 0  # prompt + longer response, untruncated, of the longest pair
 
     def summary(self) -> str:
         text = (f"tokenized {self.n_pairs} pairs (max_length={self.max_length}, "
@@ -48,6 +57,8 @@ class TokenizeReport:
             text += f", {self.n_prompt_not_prefix} prompts not a prefix of the full template"
         if self.n_response_no_eos:
             text += f", {self.n_response_no_eos} pairs without an end-of-turn token"
+        if self.n_no_room_for_prompt:
+            text += f", {self.n_no_room_for_prompt} pairs whose response leaves no room for the prompt"
         return text
 
 
@@ -117,9 +128,7 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, *, max_length: int = 512,
     and booleans ``prompt_truncated``, ``response_truncated``, ``prompt_not_prefix`` and
     ``response_no_eos``.
     """
-    if max_length < 2 or (max_prompt_length is not None and max_prompt_length < 1):
-        raise ValueError(f"max_length must be >= 2 and max_prompt_length >= 1, got "
-                         f"{max_length} and {max_prompt_length}")
+    check_lengths(max_length, max_prompt_length)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to the token "
@@ -146,30 +155,74 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, *, max_length: int = 512,
         warnings.warn(_NO_EOS_WARNING, stacklevel=2)
     return {
         "prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r,
-        "untruncated_length": untruncated_length, "prompt_truncated": len(p) < n_prompt, "response_truncated": response_truncated,
+        "untruncated_length": untruncated_length, "prompt_length": n_prompt,
+        "prompt_truncated": len(p) < n_prompt, "response_truncated": response_truncated,
         "prompt_not_prefix": not_prefix, "response_no_eos": no_eos,
     }
 
 
+def check_lengths(max_length, max_prompt_length=None) -> None:
+    """Refuse a token budget that leaves no room for a prompt token and a response token."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"{option('max_length')} must be an integer ≥ 2 (at least one prompt token and one "
+                          f"response token), got {max_length!r}")
+    if max_prompt_length is not None and (isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, int)
+                                          or not 1 <= max_prompt_length < max_length):
+        raise ConfigError(f"{option('max_prompt_length')} must be an integer from 1 to {option('max_length')} - 1 "
+                          f"= {max_length - 1} (room for the response), got {max_prompt_length!r}")
+
+
+def check_prompt_room(report: TokenizeReport, needed: list[int], max_share: float = MAX_PROMPT_CUT_SHARE) -> None:
+    """Refuse ``report.max_length`` when more than ``max_share`` of the pairs have no room for their
+    prompt (``needed[i]``: the longer response of pair i + 1 token), with the counts and the
+    max_length that would fit."""
+    n, total = report.n_no_room_for_prompt, report.n_pairs
+    if not total or n <= max_share * total:
+        return
+    allowed = int(max_share * total)  # pairs that may still have no room
+    fit = sorted(needed)[total - 1 - allowed]  # the smallest max_length leaving room for the rest
+    raise ConfigError(
+        f"{option('max_length', report.max_length)} leaves no room for the prompt of {n} of {total} pairs "
+        f"({n / total:.0%}, more than the {max_share:.0%} allowed): their longer response alone has "
+        f"{report.max_length} tokens or more, so the prompt would be cut away and the response cut too. "
+        f"{option('max_length', fit)} leaves room for the prompt of at least {1 - max_share:.0%} of the pairs, "
+        f"{option('max_length', report.longest_pair)} fits every pair whole.")
+
+
 def tokenize_pairs(dataset: Dataset, tokenizer, *, max_length: int = 512,
-                   max_prompt_length: int | None = None) -> tuple[Dataset, TokenizeReport]:
+                   max_prompt_length: int | None = None,
+                   max_prompt_cut_share: float | None = MAX_PROMPT_CUT_SHARE) -> tuple[Dataset, TokenizeReport]:
     """Tokenize every normalized pair (see :func:`tokenize_pair` for ids and truncation).
 
     Returns a dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``,
     ``untruncated_length`` and ``row`` (and ``source`` when present), in the input's order, and a
     :class:`TokenizeReport` counting truncations and template mismatches.
+
+    Raises :class:`~qadapter.errors.ConfigError` when ``max_length`` leaves no room for the prompt
+    of more than ``max_prompt_cut_share`` of the pairs (None: never), and
+    :class:`~qadapter.data.PreferenceDataError` naming the row of a pair that cannot be tokenized.
     """
+    check_lengths(max_length, max_prompt_length)
     report = TokenizeReport(max_length=max_length, max_prompt_length=max_prompt_length)
+    needed = []
     keep = [k for k in ("row", "source") if k in dataset.column_names]
     columns: dict[str, list] = {k: [] for k in
                                 ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
                                  "untruncated_length", *keep)}
     with warnings.catch_warnings():  # summarized once below instead of once per pair
         warnings.simplefilter("ignore")
-        for example in dataset:
-            out = tokenize_pair(example["prompt"], example["chosen"], example["rejected"],
-                                tokenizer, max_length=max_length,
-                                max_prompt_length=max_prompt_length)
+        for i, example in enumerate(dataset):
+            try:
+                out = tokenize_pair(example["prompt"], example["chosen"], example["rejected"],
+                                    tokenizer, max_length=max_length,
+                                    max_prompt_length=max_prompt_length)
+            except (ValueError, TypeError, KeyError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                where = example.get("source", "<dataset>")
+                row = example.get("row", i)
+                raise PreferenceDataError(f"{where}, row {row}: cannot tokenize the pair ({e})",
+                                          reason="cannot tokenize", source=where, row=row) from None
             for k in columns:
                 columns[k].append(out[k] if k in out else example[k])
             report.n_pairs += 1
@@ -177,10 +230,16 @@ def tokenize_pairs(dataset: Dataset, tokenizer, *, max_length: int = 512,
             report.n_response_truncated += out["response_truncated"]
             report.n_prompt_not_prefix += out["prompt_not_prefix"]
             report.n_response_no_eos += out["response_no_eos"]
+            longer = out["untruncated_length"] - out["prompt_length"]
+            needed.append(longer + 1)
+            report.n_no_room_for_prompt += longer >= max_length
+            report.longest_pair = max(report.longest_pair, out["untruncated_length"])
     if report.n_prompt_not_prefix:
         warnings.warn(f"{report.n_prompt_not_prefix} of {report.n_pairs} pairs: "
                       + _NOT_PREFIX_WARNING, stacklevel=2)
     if report.n_response_no_eos:
         warnings.warn(f"{report.n_response_no_eos} of {report.n_pairs} pairs: "
                       + _NO_EOS_WARNING, stacklevel=2)
+    if max_prompt_cut_share is not None:
+        check_prompt_room(report, needed, max_prompt_cut_share)
     return Dataset.from_dict(columns), report
