@@ -7,8 +7,10 @@ Notation, for one sequence of tokens x_0 .. x_{T-1}:
 
 * state ``s_t`` = the tokens x_0 .. x_t, so the logits a causal LM emits at position t are the
   action values of ``s_t``; action ``a_t`` = x_{t+1}, the token that follows.
-* ``q``        (..., V)  the residual Q-function Q̂(s, ·): the logits of the model *with* the adapter.
-* ``log_pi1``  (..., V)  log π1(· | s): log-softmax of the same model with the adapter disabled.
+* ``q``        (..., V)  the residual Q-function Q̂(s, ·), from the logits of the model with the adapter
+                         (zθ) and without it (z1) by :func:`q_values`: ``residual`` Q̂ = c·(zθ − z1)
+                         (the default: zero before training), ``full`` Q̂ = zθ (the authors' code).
+* ``log_pi1``  (..., V)  log π1(· | s): log-softmax of the same model with the adapter disabled (z1).
 * ``mask``     (B, L)    True where the action a_t is a response token (the only actions scored).
 
 With those, for α̃ (``alpha_tilde``), α0 (``alpha_0``), γ (``gamma``) and β (``beta``):
@@ -16,6 +18,7 @@ With those, for α̃ (``alpha_tilde``), α0 (``alpha_0``), γ (``gamma``) and β
     (1) π̃(a|s)   = softmax_a((Q̂(s,a) + α0·log π1(a|s)) / α̃)
     (2) V(s)      = α̃ · logsumexp_a((Q̂(s,a) + α0·log π1(a|s)) / α̃)
     (3) r(s_t,a_t) = Q̂(s_t,a_t) − γ·V(s_{t+1}),   V after the last response token = 0
+        (``value_pairing="same_state"``: Q̂(s_t,a_t) − γ·V(s_t), the authors' code's pairing)
     (4) L_BT      = −log σ(R(y_w|x)/n_w − R(y_l|x)/n_l),   R(y|x) = Σ_t r(s_t,a_t)
     (5) L         = L_BT + β · mean over the response tokens of both responses of r²
 
@@ -35,6 +38,34 @@ import torch.nn.functional as F
 #: ``none``: n = 1.
 NORMALIZERS = ("longest_sequence", "response_length", "none")
 
+#: How Q̂ is made from the adapter (docs/method.md, "How Q̂ is parameterized"). ``residual``:
+#: Q̂ = c·(zθ − z1) with c = ``q_scale`` (the training α̃), zero before training, so that with
+#: α0 = α̃ the customized policy starts at π1 exactly and no term sees the base logits' per-state
+#: offsets; at α0 = α̃ = c, π̃ = softmax(zθ), the adapter model itself. ``full``: Q̂ = zθ, the
+#: authors' code, whose implied rewards hold the base model's own (offset-laden) reward.
+PARAMETERIZATIONS = ("residual", "full")
+
+#: Which soft value the implied reward pairs with Q̂(s_t, a_t): ``next_state`` V(s_{t+1}) (the
+#: math, eq. 3) or ``same_state`` V(s_t) (the authors' code). Under Bradley-Terry with γ = 1 they
+#: give the same loss (the prompt's value cancels within a pair); the χ² term differs per token:
+#: with ``same_state`` it bounds (α̃·log π̃ − α0·log π1)(a_t|s_t), with ``next_state`` the reward itself.
+VALUE_PAIRINGS = ("next_state", "same_state")
+
+
+def q_values(adapter_logits: torch.Tensor, base_logits: torch.Tensor | None, parameterization: str,
+             q_scale: float = 1.0) -> torch.Tensor:
+    """Q̂(s, ·) from the raw logits of both branches: (..., V), (..., V) -> (..., V) float32.
+
+    ``full``: the adapter logits zθ (``base_logits`` unused, may be None). ``residual``:
+    q_scale·(zθ − z1), exactly 0 for an untrained LoRA (its B matrix is 0, so zθ = z1 bitwise).
+    """
+    if parameterization == "full":
+        return adapter_logits.float()
+    if parameterization != "residual":
+        raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+    q = adapter_logits.float() - base_logits.float()
+    return q if q_scale == 1.0 else q * q_scale
+
 
 def composed_logits(q: torch.Tensor, log_pi1: torch.Tensor, alpha_0: float, alpha_tilde: float) -> torch.Tensor:
     """Logits of the customized policy π̃, eq. (1).
@@ -43,8 +74,8 @@ def composed_logits(q: torch.Tensor, log_pi1: torch.Tensor, alpha_0: float, alph
         q: (..., V) residual Q-values Q̂(s, ·), i.e. the adapter model's logits.
         log_pi1: (..., V) log-probabilities of the pre-trained policy π1 (no gradient needed).
     Returns:
-        (..., V) logits whose softmax is π̃. With a fresh adapter (q = base logits, so q = log π1 + c)
-        they are log π1 · (1 + α0)/α̃ + const: the base policy, sharpened.
+        (..., V) logits whose softmax is π̃. Residual and fresh (q = 0): log π1 · α0/α̃, so π1 itself
+        at α0 = α̃. Full and fresh (q = base logits = log π1 + c): log π1 · (1 + α0)/α̃ + const.
     """
     z = torch.add(q, log_pi1, alpha=alpha_0)  # one (..., V) tensor, no α0·log_pi1 temporary
     return z if alpha_tilde == 1.0 else z / alpha_tilde
@@ -61,12 +92,20 @@ def soft_values(q: torch.Tensor, log_pi1: torch.Tensor, alpha_0: float, alpha_ti
     return alpha_tilde * torch.logsumexp(composed_logits(q, log_pi1, alpha_0, alpha_tilde), dim=-1)
 
 
+def customized_logits(adapter_logits: torch.Tensor, base_logits: torch.Tensor, *, parameterization: str,
+                      q_scale: float, alpha_0: float, alpha_tilde: float) -> torch.Tensor:
+    """Logits of π̃, eq. (1), from the raw logits of both branches: (..., V), (..., V) -> (..., V)."""
+    q = q_values(adapter_logits, base_logits, parameterization, q_scale)
+    return composed_logits(q, F.log_softmax(base_logits.float(), dim=-1), alpha_0, alpha_tilde)
+
+
 def taken(values_per_action: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Pick the entry of the action taken: (B, L, V), (B, L) int -> (B, L)."""
     return values_per_action.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
-def implied_rewards(q_taken: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+def implied_rewards(q_taken: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                    value_pairing: str = "next_state") -> torch.Tensor:
     """Per-token implied rewards r2(s_t, a_t), eq. (3), with the correct causal alignment.
 
     Args:
@@ -75,10 +114,14 @@ def implied_rewards(q_taken: torch.Tensor, values: torch.Tensor, mask: torch.Ten
         mask:    (B, L) bool, True where a_t is a response token. A response is one contiguous run
                  of True; the state after its last token is terminal (V = 0).
     Returns:
-        (B, L) r_t = Q̂(s_t,a_t) − γ·V(s_{t+1}) on the mask, exactly 0 elsewhere. The first response
-        token is scored; nothing after the end of a response (padding) is.
+        (B, L) r_t = Q̂(s_t,a_t) − γ·V(s_{t+1}) on the mask (``same_state``: − γ·V(s_t)), exactly 0
+        elsewhere. The first response token is scored; nothing after the end of a response (padding) is.
     """
     mask = mask.bool()
+    if value_pairing == "same_state":
+        return torch.where(mask, q_taken - gamma * values, torch.zeros_like(q_taken))
+    if value_pairing != "next_state":
+        raise ValueError(f"unknown value_pairing {value_pairing!r}; choose one of {', '.join(VALUE_PAIRINGS)}")
     # V(s_{t+1}) counts only where a_{t+1} is still a response action; torch.where (not a product)
     # so that non-finite values at unscored positions cannot leak in.
     next_values = torch.where(mask[:, 1:], values[:, 1:], torch.zeros_like(values[:, 1:]))

@@ -179,16 +179,15 @@ def test_load_policy_plain_and_peft(model_dir, tmp_path, tokenizer):
 def test_qadapter_satisfies_the_policy_interface(model_dir, tokenizer, tmp_path):
     from qadapter.modeling import QAdapter, QAdapterSettings
 
-    qa = QAdapter.create(tiny_model(tokenizer, 0), tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0,
-                                                                               base_model_name_or_path=str(model_dir)))
+    qa = QAdapter.create(tiny_model(tokenizer, 0), tokenizer, QAdapterSettings(base_model_name_or_path=str(model_dir)))
     base = base_policy(qa)
     assert isinstance(base, QAdapterBaseView)
     plain = HFPolicy(tiny_model(tokenizer, 0), tokenizer)
     prompts, responses = ["What is the capital of France?"], ["Paris is the capital."]
-    # a fresh adapter is a zero delta: with alpha_0 = 0 and alpha_tilde = 1, pi~ = pi1 = the plain model
+    # a fresh residual adapter is Q̂ = 0: at the default tied alphas, pi~ = pi1 = the plain model
     assert kl_from_base(qa, plain, prompts=prompts, responses=responses, progress=False).score < 1e-6
     assert kl_from_base(base, plain, prompts=prompts, responses=responses, progress=False).score < 1e-6
-    # the default alpha_0 > 0 sharpens pi1: a small but positive KL
+    # untied, alpha_0 < alpha_tilde flattens pi1 (pi1^0.5): a positive KL
     qa.settings.alpha_0 = 0.5
     assert kl_from_base(qa, base, prompts=prompts, responses=responses, progress=False).score > 1e-4
     qa.save_pretrained(tmp_path / "qa")
@@ -199,9 +198,8 @@ def test_qadapter_satisfies_the_policy_interface(model_dir, tokenizer, tmp_path)
 def test_qadapter_generates_through_the_evaluators(model_dir, tokenizer, tmp_path, monkeypatch):
     from qadapter.modeling import QAdapter, QAdapterSettings
 
-    # a fresh adapter with alpha_0 = 0, alpha_tilde = 1 is exactly the plain model: same greedy text
-    qa = QAdapter.create(tiny_model(tokenizer, 0), tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0,
-                                                                               base_model_name_or_path=str(model_dir)))
+    # a fresh residual adapter at the default tied alphas is exactly the plain model: same greedy text
+    qa = QAdapter.create(tiny_model(tokenizer, 0), tokenizer, QAdapterSettings(base_model_name_or_path=str(model_dir)))
     plain = load_policy(model_dir)
     prompts = ["Q: 2 + 3\nA:", "Question: What is the capital of France?\nAnswer:"]
     expected = generate_texts(plain, prompts, max_new_tokens=5, progress=False)
@@ -415,8 +413,10 @@ def test_win_rate_with_constant_judges(policy):
     # with both orders a constant judge is pure position bias, which cancels to a tie
     assert win_rate(policy, policy, ConstantJudge(1.0), prompts=prompts, both_orders=True, **answers,
                     progress=False).score == 0.5
+    # identical answers are a tie whatever the judge says (a reward model's float noise must not pick a winner)
     generated = win_rate(policy, policy, ConstantJudge(1.0), prompts=prompts[:2], max_new_tokens=3, progress=False)
-    assert generated.score == 1.0 and generated.extra["policy_answers"] == generated.extra["base_answers"]
+    assert generated.extra["policy_answers"] == generated.extra["base_answers"]
+    assert generated.score == 0.5 and generated.extra["ties"] == 2
 
 
 def test_reward_model_judge(tokenizer):

@@ -16,7 +16,7 @@ import torch
 
 from qadapter.generation import generate
 from qadapter.modeling import causal_lm_logits
-from qadapter.objective import composed_logits
+from qadapter.objective import composed_logits, q_values
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -90,16 +90,17 @@ def encoded(tok, prompts):
     return left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
 
 
-def naive_greedy(model, tok, prompts, n, alpha_0, alpha_tilde):
+def naive_greedy(model, tok, prompts, n, alpha_0, alpha_tilde, parameterization="full", q_scale=1.0):
     """Eq. (1) recomputed from scratch at every step: no cache, full sequences through both branches."""
     ids, mask = encoded(tok, prompts)
     out = []
     for _ in range(n):
         with torch.no_grad():
-            q = causal_lm_logits(model, ids, mask)[:, -1].float()
+            adapter = causal_lm_logits(model, ids, mask)[:, -1].float()
             with model.disable_adapter():
-                log_pi1 = torch.log_softmax(causal_lm_logits(model, ids, mask)[:, -1].float(), -1)
-        nxt = composed_logits(q, log_pi1, alpha_0, alpha_tilde).argmax(-1)
+                base = causal_lm_logits(model, ids, mask)[:, -1].float()
+        q = q_values(adapter, base, parameterization, q_scale)
+        nxt = composed_logits(q, torch.log_softmax(base, -1), alpha_0, alpha_tilde).argmax(-1)
         out.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -121,13 +122,16 @@ def hf_new_ids(model, tok, prompts, n, eos=None, **kwargs):
 
 # ------------------------------------------------------------------------------ exactness
 
-@pytest.mark.parametrize("alpha_0,alpha_tilde", [(0.5, 0.7), (0.01, 1.0), (2.0, 3.0)])
-def test_greedy_fast_equals_reference_equals_full_recompute(model, tok, alpha_0, alpha_tilde):
+@pytest.mark.parametrize("parameterization,q_scale,alpha_0,alpha_tilde", [
+    ("full", 1.0, 0.5, 0.7), ("full", 1.0, 0.01, 1.0), ("full", 1.0, 2.0, 3.0),
+    ("residual", 0.7, 0.7, 0.7), ("residual", 1.0, 0.5, 0.5), ("residual", 1.0, 0.0, 1.0), ("residual", 0.5, 2.0, 3.0)])
+def test_greedy_fast_equals_reference_equals_full_recompute(model, tok, parameterization, q_scale, alpha_0, alpha_tilde):
     n = 14
-    kw = dict(alpha_0=alpha_0, alpha_tilde=alpha_tilde, max_new_tokens=n, eos_token_id=[], return_ids=True)
+    kw = dict(alpha_0=alpha_0, alpha_tilde=alpha_tilde, max_new_tokens=n, eos_token_id=[], return_ids=True,
+              parameterization=parameterization, q_scale=q_scale)
     _, fast = generate(model, tok, PROMPTS, fast=True, **kw)
     _, ref = generate(model, tok, PROMPTS, fast=False, **kw)
-    naive = naive_greedy(model, tok, PROMPTS, n, alpha_0, alpha_tilde)
+    naive = naive_greedy(model, tok, PROMPTS, n, alpha_0, alpha_tilde, parameterization, q_scale)
     assert fast == ref == naive
     assert all(len(r) == n for r in fast)
     # the composition matters: the customized tokens differ from both the base and the adapter alone
@@ -365,10 +369,23 @@ def test_prompt_forms_and_outputs(model, tok):
 def test_qadapter_generate_uses_its_settings(model, tok):
     from qadapter.modeling import QAdapter, QAdapterSettings
 
-    qa = QAdapter(model, tok, QAdapterSettings(alpha_0=0.5, alpha_tilde=0.7))
+    qa = QAdapter(model, tok, QAdapterSettings(alpha_0=0.5, alpha_tilde=0.7, parameterization="full"))
     kw = dict(max_new_tokens=8, eos_token_id=[])
     assert qa.generate(PROMPTS, **kw) == generate(model, tok, PROMPTS, alpha_0=0.5, alpha_tilde=0.7, **kw)
     assert qa.generate(PROMPTS, alpha_0=0.0, **kw) == generate(model, tok, PROMPTS, alpha_0=0.0, alpha_tilde=0.7, **kw)
+    with pytest.raises(ValueError, match="strength applies to a residual"):
+        qa.generate(PROMPTS, strength=2.0, **kw)
+    # residual, trained at alpha_tilde 0.7 (q_scale 0.7), tied alphas; strength s decodes at alpha = 0.7 / s
+    res = QAdapter(model, tok, QAdapterSettings(alpha_tilde=0.7))
+    assert (res.settings.alpha_0, res.settings.q_scale) == (0.7, 0.7)
+    residual = dict(parameterization="residual", q_scale=0.7, **kw)
+    assert res.generate(PROMPTS, **kw) == generate(model, tok, PROMPTS, alpha_0=0.7, alpha_tilde=0.7, **residual)
+    assert res.generate(PROMPTS, strength=2.0, **kw) == generate(model, tok, PROMPTS, alpha_0=0.35, alpha_tilde=0.35,
+                                                                  **residual)
+    # at strength 1 the residual policy is the adapter model itself
+    assert res.generate(PROMPTS, **kw) == generate(model, tok, PROMPTS, alpha_0=0.0, alpha_tilde=1.0, policy="adapter", **kw)
+    with pytest.raises(ValueError, match="not both"):
+        res.generate(PROMPTS, strength=2.0, alpha_0=1.0, **kw)
 
 
 # ------------------------------------------------------------------------------ CLI

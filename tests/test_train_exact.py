@@ -18,7 +18,7 @@ import qadapter.trainer.qadapter_trainer as qt
 from conftest import make_tiny_tokenizer, max_relative_grad_error, randomize_lora, tiny_llama
 from test_trainer import PAIRS
 from qadapter.modeling import causal_lm_logits, lora_config
-from qadapter.objective import soft_values, taken
+from qadapter.objective import q_values, soft_values, taken
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, QAdapterTrainer, qadapter_step
 
 PAD = 0
@@ -32,13 +32,17 @@ MORE = [dict(prompt_input_ids=[3, 5, 8, 18, 2, 8, 3, 6, 8, 50, 2, 8, 3, 5, 8, 22
 BATCH = PAIRS + MORE[:1]
 PAPER = dict(alpha_tilde=1.0, alpha_0=0.01, gamma=1.0, beta=0.1)
 GENERIC = dict(alpha_tilde=0.8, alpha_0=0.2, gamma=0.95, beta=0.3)
+#: the default residual Q̂ = α̃·(zθ − z1), the authors' full Q̂ = zθ (with either value pairing), their exact objective
+MODES = {"residual": {}, "full": {"parameterization": "full"},
+         "full-same-state": {"parameterization": "full", "value_pairing": "same_state"},
+         "reference_compat": {"reference_compat": True}}
 FAST = {"shared+fused": dict(share_prompt=True, fused_head=True),
         "shared": dict(share_prompt=True, fused_head=False),
         "fused": dict(share_prompt=False, fused_head=True)}
 
 
 def straightforward_step(model, batch, args, pad_token_id=0):
-    """``qadapter_step`` before the speed work, verbatim."""
+    """``qadapter_step`` before the speed work, verbatim (plus Q̂ from both branches' logits, :func:`q_values`)."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     response_mask, seq_lengths = batch["response_mask"], batch["seq_lengths"]
     width_p, width = int(batch["prompt_width"]), input_ids.shape[1]
@@ -53,9 +57,11 @@ def straightforward_step(model, batch, args, pad_token_id=0):
         actions = input_ids[:, width_p:]
         mask = response_mask[:, width_p:]
 
-    q = causal_lm_logits(model, input_ids, attention_mask, positions).float()
+    adapter_logits = causal_lm_logits(model, input_ids, attention_mask, positions).float()
     with torch.no_grad(), qt._unwrap(model).disable_adapter():
-        log_pi1 = F.log_softmax(causal_lm_logits(model, input_ids, attention_mask, positions).float(), dim=-1)
+        base_logits = causal_lm_logits(model, input_ids, attention_mask, positions).float()
+    q = q_values(adapter_logits, base_logits, args.parameterization, args.alpha_tilde)
+    log_pi1 = F.log_softmax(base_logits, dim=-1)
     values = soft_values(q, log_pi1, args.alpha_0, args.alpha_tilde)
     q_taken = taken(q, actions)
     del q, log_pi1
@@ -132,41 +138,41 @@ def compare(model, pairs, args, grad_rtol, ref_model=None, ref_args=None):
 
 @pytest.mark.parametrize("path", list(FAST))
 @pytest.mark.parametrize("knobs", [PAPER, GENERIC], ids=["paper", "generic"])
-@pytest.mark.parametrize("compat", [False, True], ids=["default", "reference_compat"])
+@pytest.mark.parametrize("compat", list(MODES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_optimized_step_equals_straightforward(tmp_path, spy, path, knobs, compat, attn):
     """Float32 model, 4 pairs with multi-turn prompts and unequal responses: same loss, returns and
     adapter gradients (measured: loss bit-identical, gradients within ~1e-6 relative)."""
     model = peft_model(torch.float32, attn)
-    compare(model, BATCH, config(tmp_path, reference_compat=compat, **knobs, **FAST[path]), grad_rtol=5e-6)
+    compare(model, BATCH, config(tmp_path, **MODES[compat], **knobs, **FAST[path]), grad_rtol=5e-6)
     assert spy["shared"] == (1 if FAST[path]["share_prompt"] else 0)
     assert spy["fused"] == (1 if FAST[path]["fused_head"] else 0)
 
 
-@pytest.mark.parametrize("compat", [False, True], ids=["default", "reference_compat"])
+@pytest.mark.parametrize("compat", list(MODES))
 @pytest.mark.parametrize("row_tokens", [1, 1024], ids=["pair-per-row", "pairs-share-rows"])
 def test_packing_rows(tmp_path, spy, monkeypatch, compat, row_tokens):
     """Rows of one pair (the longest pair sets the width; shorter ones may share) and rows of many."""
     monkeypatch.setattr(qt, "PACK_ROW_TOKENS", row_tokens)
-    compare(peft_model(), PAIRS + MORE, config(tmp_path, reference_compat=compat, **GENERIC), grad_rtol=5e-6)
+    compare(peft_model(), PAIRS + MORE, config(tmp_path, **MODES[compat], **GENERIC), grad_rtol=5e-6)
     # pair lengths 29, 17, 18, 32, 13: rows of 32 tokens hold [32], [29], [18, 13], [17]
     assert spy == {"shared": 1, "fused": 1, "rows": 4 if row_tokens == 1 else 1}
 
 
-@pytest.mark.parametrize("compat", [False, True], ids=["default", "reference_compat"])
+@pytest.mark.parametrize("compat", list(MODES))
 def test_optimized_step_equals_straightforward_float64(tmp_path, spy, compat):
     """On a float64 model only the float32 cast of the logits (kept, as in the straightforward step)
     leaves round-off: gradients agree to ~1e-7."""
     model = peft_model(torch.float64)
-    compare(model, BATCH, config(tmp_path, reference_compat=compat, **GENERIC), grad_rtol=1e-6)
+    compare(model, BATCH, config(tmp_path, **MODES[compat], **GENERIC), grad_rtol=1e-6)
     assert (spy["shared"], spy["fused"]) == (1, 1)
 
 
-@pytest.mark.parametrize("compat", [False, True], ids=["default", "reference_compat"])
+@pytest.mark.parametrize("compat", list(MODES))
 def test_switches_off_is_the_straightforward_step_bit_for_bit(tmp_path, spy, compat):
     model = peft_model()
     batch = PreferencePairCollator(pad_token_id=PAD)(BATCH)
-    args = config(tmp_path, reference_compat=compat, share_prompt=False, fused_head=False, **GENERIC)
+    args = config(tmp_path, **MODES[compat], share_prompt=False, fused_head=False, **GENERIC)
     ref = straightforward_step(model, batch, args, pad_token_id=PAD)
     ref_grads = grads_of(ref["loss"], model)
     out = qadapter_step(model, batch, args, pad_token_id=PAD)
@@ -180,15 +186,15 @@ def test_switches_off_is_the_straightforward_step_bit_for_bit(tmp_path, spy, com
 
 @pytest.mark.parametrize("pairs", [[PAIRS[0]], [MORE[1]], [PAIRS[1], MORE[1]], PAIRS + MORE],
                          ids=["one-pair", "empty-chosen", "two-pairs-one-empty", "five-pairs"])
-@pytest.mark.parametrize("compat", [False, True], ids=["default", "reference_compat"])
+@pytest.mark.parametrize("compat", list(MODES))
 def test_batch_shapes(tmp_path, spy, pairs, compat):
     """One pair, an empty chosen response (no chosen column at all), mixed batches."""
-    compare(peft_model(), pairs, config(tmp_path, reference_compat=compat, **GENERIC), grad_rtol=5e-6)
+    compare(peft_model(), pairs, config(tmp_path, **MODES[compat], **GENERIC), grad_rtol=5e-6)
     assert (spy["shared"], spy["fused"]) == (1, 1)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-@pytest.mark.parametrize("compat", [False, True], ids=["default", "reference_compat"])
+@pytest.mark.parametrize("compat", list(MODES))
 def test_gradient_checkpointing(tmp_path, spy, reentrant, compat):
     """With activation checkpointing (the model in training mode, LoRA dropout 0) the optimized step
     still equals the straightforward step without checkpointing."""
@@ -197,7 +203,7 @@ def test_gradient_checkpointing(tmp_path, spy, reentrant, compat):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if reentrant:
         model.enable_input_require_grads()
-    args = config(tmp_path, reference_compat=compat, **GENERIC)
+    args = config(tmp_path, **MODES[compat], **GENERIC)
     compare(model, BATCH, args, grad_rtol=5e-6, ref_model=ref_model)
     assert (spy["shared"], spy["fused"]) == (1, 1)
 
@@ -259,7 +265,7 @@ FSDP2_SCRIPT = r'''
 import json, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from test_train_exact import BATCH, GENERIC, grads_of, peft_model, straightforward_step
+from test_train_exact import BATCH, GENERIC, MODES, grads_of, peft_model, straightforward_step
 import qadapter.trainer.qadapter_trainer as qt
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, qadapter_step
 from torch.distributed.fsdp import fully_shard
@@ -281,8 +287,8 @@ for layer in model.base_model.model.model.layers:
 fully_shard(model)
 batch = PreferencePairCollator(pad_token_id=0)(BATCH)
 report = {}
-for compat in (False, True):
-    args = QAdapterConfig(output_dir=sys.argv[2], report_to=[], use_cpu=True, reference_compat=compat, **GENERIC)
+for compat in MODES:
+    args = QAdapterConfig(output_dir=sys.argv[2], report_to=[], use_cpu=True, **MODES[compat], **GENERIC)
     calls.update(shared=0, fused=0)
     out = qadapter_step(model, batch, args)
     grads = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads_of(out["loss"], model)]

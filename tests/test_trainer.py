@@ -38,7 +38,10 @@ def naive_pair_loss(model, pair, args):
         ids = torch.tensor([p + r])
         q = model(input_ids=ids).logits[0].double()
         with torch.no_grad(), model.disable_adapter():
-            lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            z1 = model(input_ids=ids).logits[0].double()
+        lp = torch.log_softmax(z1, -1)
+        if args.parameterization == "residual":  # Q̂ = α̃·(zθ − z1)
+            q = args.alpha_tilde * (q - z1)
         ret = 0.0
         for k in range(len(r)):
             t = len(p) - 1 + k  # the state whose action is the k-th response token
@@ -53,7 +56,7 @@ def naive_pair_loss(model, pair, args):
         rets.append(ret)
         count += len(r)
         lengths.append(len(p) + len(r))
-    n = max(lengths) - 1
+    n = max(lengths) - 1 if args.normalizer == "longest_sequence" else 1
     pref = -torch.nn.functional.logsigmoid((rets[0] - rets[1]) / n)
     return pref + args.beta * squares / count
 
@@ -64,9 +67,11 @@ def make_args(tmp_path, **kw):
     return QAdapterConfig(output_dir=str(tmp_path / "out"), alpha_tilde=0.8, alpha_0=0.2, gamma=0.95, beta=0.3, **kw)
 
 
-def test_step_matches_per_pair_unpadded_loop(tmp_path):
+@pytest.mark.parametrize("knobs", [{}, {"parameterization": "full", "normalizer": "longest_sequence"}],
+                         ids=["residual", "full"])
+def test_step_matches_per_pair_unpadded_loop(tmp_path, knobs):
     """Loss and adapter gradients of the batched step == mean over pairs of the naive loop."""
-    args = make_args(tmp_path)
+    args = make_args(tmp_path, **knobs)
     model = peft_tiny()
     batch = PreferencePairCollator(pad_token_id=0)(PAIRS)
     loss = qadapter_step(model, batch, args)["loss"]
@@ -80,17 +85,21 @@ def test_step_matches_per_pair_unpadded_loop(tmp_path):
 
 
 def test_fresh_adapter_is_scaled_base_policy():
-    """With a freshly initialized adapter, π̃'s logits are the base logits scaled by (1+α0)/α̃."""
+    """With a freshly initialized adapter, π̃'s logits are the base logits scaled by (1+α0)/α̃ (full)
+    or by α0/α̃ (residual: Q̂ = 0)."""
     torch.manual_seed(0)
     base = tiny_llama()
     ids = torch.randint(5, 96, (2, 9))
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
-    qa = QAdapter.create(base, make_tiny_tokenizer(), QAdapterSettings(alpha_0=0.3, alpha_tilde=0.6))
+    qa = QAdapter.create(base, make_tiny_tokenizer(), QAdapterSettings(alpha_0=0.3, alpha_tilde=0.6,
+                                                                       parameterization="full"))
     with torch.no_grad():
         got = torch.log_softmax(qa.logits(ids), -1)
-    want = torch.log_softmax(base_logits * (1 + 0.3) / 0.6, -1)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        qa.settings = QAdapterSettings(alpha_0=0.3, alpha_tilde=0.6)
+        got_residual = torch.log_softmax(qa.logits(ids), -1)
+    torch.testing.assert_close(got, torch.log_softmax(base_logits * (1 + 0.3) / 0.6, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_residual, torch.log_softmax(base_logits * 0.3 / 0.6, -1), rtol=0, atol=1e-5)
 
 
 def test_save_load_identical_logits_and_wrong_base_refused(tmp_path):

@@ -30,7 +30,9 @@ def judge_many(judge, prompts: Sequence[Any], answers_a: Sequence[str], answers_
     for p in out:
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"a judge must return a probability in [0, 1], got {p}")
-    return [float(p) for p in out]
+    # Identical answers are a tie by definition: a reward model scoring the same text in two batches
+    # of different padding can differ in the last bits and would otherwise call a winner.
+    return [0.5 if a == b else float(p) for p, a, b in zip(out, answers_a, answers_b)]
 
 
 class ConstantJudge:

@@ -8,6 +8,8 @@ itself: there is no composition with π1).
 * ``replay``: SFT on the chosen answers plus the base model's own greedy answers to the same
   training prompts, the classic rehearsal defence against forgetting.
 * ``dpo``: TRL ``DPOTrainer`` with β = 0.1 (``dpo_beta``) and the frozen base as reference.
+* ``sft_kl``: policy regularization, the paper's third baseline family: SFT on the chosen answers
+  plus ``kl_weight`` · KL(π ‖ π1) per completion token toward the frozen base (:class:`SFTWithKLTrainer`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from ..data import distinct_prompts
-from ..modeling import lora_config
+from ..modeling import check_target_modules, lora_config
 
-BASELINES = ("sft", "replay", "dpo")
+BASELINES = ("sft", "replay", "dpo", "sft_kl")
 
 
 def sft_dataset(pairs: Dataset) -> Dataset:
@@ -42,6 +44,43 @@ def replay_dataset(pairs: Dataset, base_answers: list[str], prompts: list | None
                               "completion": list(sft["completion"]) + replayed})
 
 
+def _sft_with_kl_trainer():
+    """:class:`SFTWithKLTrainer`, defined on first use (TRL is imported lazily)."""
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class SFTWithKLTrainer(SFTTrainer):
+        """SFT on the completions plus ``kl_weight`` · KL(π ‖ π1), both averaged over completion tokens;
+        π1 = the same network with its LoRA adapter disabled (no gradient). Logs ``nll`` and ``kl``."""
+
+        def __init__(self, *args, kl_weight: float = 0.1, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kl_weight = float(kl_weight)
+            self.model_accepts_loss_kwargs = False  # a per-micro-batch mean, like QAdapterTrainer's loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if model.training else "eval"
+            forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+            target = inputs["labels"][:, 1:]
+            mask = target != -100
+            count = mask.sum().clamp(min=1)
+            log_p = F.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
+            inner = model
+            while hasattr(inner, "module"):
+                inner = inner.module
+            with torch.no_grad(), inner.disable_adapter():
+                log_b = F.log_softmax(model(**forward, use_cache=False).logits[:, :-1].float(), dim=-1)
+            nll = -(log_p.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * mask).sum() / count
+            kl = ((log_p.exp() * (log_p - log_b)).sum(-1) * mask).sum() / count
+            self._metrics[mode]["nll"].append(nll.item())
+            self._metrics[mode]["kl"].append(kl.item())
+            loss = nll + self.kl_weight * kl
+            return (loss, None) if return_outputs else loss
+
+    return SFTWithKLTrainer
+
+
 def _training_kwargs(config) -> dict:
     """The TrainingArguments part of a QAdapterConfig, to build TRL's configs from."""
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -53,20 +92,21 @@ def _training_kwargs(config) -> dict:
 
 
 def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, *, dpo_beta: float = 0.1,
-                   replay_new_tokens: int = 128, callbacks=None, log=print):
+                   kl_weight: float = 0.1, replay_new_tokens: int = 128, callbacks=None, log=print):
     """Train ``method`` (one of :data:`BASELINES`) and return its trainer (``trainer.model`` is the PeftModel)."""
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
     peft_config = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    check_target_modules(model, peft_config.target_modules)
     common = _training_kwargs(config)
     if method == "dpo":
         args = DPOConfig(**common, beta=dpo_beta, max_length=config.max_length)
         trainer = DPOTrainer(model, args=args, train_dataset=train_pairs.select_columns(["prompt", "chosen", "rejected"]),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     else:
-        if method == "sft":
+        if method in ("sft", "sft_kl"):
             data = sft_dataset(train_pairs)
         else:
             from ..generation import generate
@@ -79,7 +119,9 @@ def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, 
                                policy="base", max_new_tokens=replay_new_tokens)
             data = replay_dataset(train_pairs, answers, prompts=unique)
         args = SFTConfig(**common, max_length=config.max_length, completion_only_loss=True)
-        trainer = SFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=callbacks)
+        extra = {"kl_weight": kl_weight} if method == "sft_kl" else {}
+        trainer = (_sft_with_kl_trainer() if method == "sft_kl" else SFTTrainer)(
+            model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
+            callbacks=callbacks, **extra)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     return trainer
