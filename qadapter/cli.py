@@ -5,6 +5,7 @@
     qadapter chat --adapter DIR                  interactive chat with it
     qadapter compare --output-dir DIR [flags]    Q-Adapter vs SFT / Replay / DPO: retention and preference
     qadapter serve --adapter NAME=DIR            an OpenAI-compatible server with a web playground
+    qadapter export DIR --to OUT [--strength S]  one plain PEFT LoRA folder (vLLM, plain generate())
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import train
 
         return train.main(argv[1:])
-    from .commands import chat, compare, generate, serve
+    from .commands import chat, compare, export, generate, serve
     from .commands import train as train_cmd
 
     parser = argparse.ArgumentParser(prog="qadapter", description="Customize a chat LLM to new preferences "
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_parser(sub)
     compare.add_parser(sub)
     serve.add_parser(sub)
+    export.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

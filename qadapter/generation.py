@@ -447,7 +447,7 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
              min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, stop_strings: str | Sequence[str] | None = None, streamer=None,
              seed: int | None = None, fast: bool = True, return_ids: bool = False, policy: str = "customized",
-             eos_token_id: int | Sequence[int] | None = None, raw_text: bool = False):
+             eos_token_id: int | Sequence[int] | None = None, raw_text: bool = False, engine_factory=None):
     """Generate from the customized policy π̃ = softmax((Q̂ + α0·log π1)/α̃) (eq. 1).
 
     Args:
@@ -476,6 +476,10 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
             ``[]`` disables stopping at an end-of-turn token.
         raw_text: strings are raw text, tokenized as is (no chat template, no special tokens), as
             :mod:`qadapter.evaluation`'s policy interface defines them.
+        engine_factory: ``engine_factory(batch_size)`` returns the engine that computes the
+            next-token logits (``prefill`` / ``step`` / ``close``, as the engines below) instead of
+            the built-in choice: how :class:`qadapter.stack.QAdapterStack` decodes its k+1 branches
+            through this same loop.
     Returns:
         A list of strings, one per prompt, holding the new text only (special tokens skipped); with
         ``return_ids``, a tuple (texts, ids) where ids are the new token ids of each prompt, up to
@@ -516,8 +520,11 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
 
     was_training = model.training
     model.eval()
-    Engine = _FastEngine if fast and _fast_supported(model, policy, alpha_0) else _ReferenceEngine
-    engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B)
+    if engine_factory is not None:
+        engine = engine_factory(B)
+    else:
+        Engine = _FastEngine if fast and _fast_supported(model, policy, alpha_0) else _ReferenceEngine
+        engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B)
     try:
         with torch.inference_mode():
             seqs = torch.empty((B, P + max_new_tokens), dtype=torch.long, device=device)

@@ -46,6 +46,9 @@ class JobArguments:
     method: str = field(default="qadapter", metadata={"help": "qadapter, or a baseline in the same harness: sft, replay, dpo."})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."})
     data: str | None = field(default=None, metadata={"help": "Preference pairs: a .json/.jsonl/.parquet file (default: the embedded HH-RLHF harmless pairs)."})
+    on: str | None = field(default=None, metadata={"help": "Train on top of this earlier adapter or stack folder: its "
+                           "customized policy (the base with its LoRAs merged in, frozen) is the new π1, and the result "
+                           "is saved as a stack folder (docs/method.md, 'Stacking')."})
     preset: str = field(default="default", metadata={"help": f"Named settings: {', '.join(PRESETS)}. Explicit flags override them."})
     eval_pairs: float = field(default=100, metadata={"help": "Held-out pairs (an int) or fraction (< 1), split by prompt."})
     train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs (seeded choice)."})
@@ -177,6 +180,11 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if job.on:
+        from .stack import merge_into
+
+        model, earlier = merge_into(model, job.on)  # π1 = the earlier customized policy, exactly
+        log(f"on {job.on}: merged its {len(earlier.folders)} adapter(s) into the base; training the next level")
 
     if job.data is None:
         pairs, load_report = load_embedded_pairs()
@@ -236,6 +244,10 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         qadapter = QAdapter(peft_model, tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0))
         save = lambda folder: save_atomically(folder, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))  # noqa: E731
     train_seconds = time.monotonic() - train_start
+    if job.on:
+        from .stack import save_extended
+
+        save = (lambda write_new: lambda folder: save_extended(folder, job.on, write_new, tokenizer))(save)
     if trainer.is_world_process_zero():
         save(out_dir)
 

@@ -10,7 +10,10 @@ HELP = "answer prompts with a trained Q-Adapter (optionally beside the base mode
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``generate`` and ``chat``: which adapter, and how to decode."""
-    parser.add_argument("--adapter", required=True, metavar="DIR", help="folder saved by qadapter (QAdapter.save_pretrained)")
+    parser.add_argument("--adapter", required=True, metavar="DIR",
+                        help="folder saved by qadapter: one Q-Adapter, or a stack (qadapter train --on ...)")
+    parser.add_argument("--strengths", default=None, metavar="S1,S2,...",
+                        help="a stack's per-adapter decoding strengths (default: the saved ones, 1 as trained)")
     parser.add_argument("--base-model", default=None, metavar="PATH",
                         help="base model folder or hub id (default: the one the adapter was trained on)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -38,8 +41,16 @@ def load(args):
     """The QAdapter named by ``args``, on ``args.device``."""
     import torch
 
-    from ..modeling import QAdapter
+    from pathlib import Path
 
+    from ..modeling import QAdapter
+    from ..stack import STACK_CONFIG, QAdapterStack
+
+    if (Path(args.adapter) / STACK_CONFIG).is_file():
+        strengths = [float(x) for x in args.strengths.split(",")] if getattr(args, "strengths", None) else None
+        stack = QAdapterStack.from_pretrained(args.adapter, base_model=args.base_model, strengths=strengths)
+        stack.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return stack
     qa = QAdapter.from_pretrained(args.adapter, base_model=args.base_model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     qa.model.to(device)
@@ -48,6 +59,12 @@ def load(args):
 
 
 def decoding_kwargs(args, qa) -> dict:
+    if hasattr(qa, "strengths"):  # a QAdapterStack
+        if args.alpha_0 is not None or args.alpha_tilde is not None:
+            raise SystemExit("--alpha-0 / --alpha-tilde do not apply to a stack: use --strengths")
+        return dict(strengths=qa.strengths, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, stop_strings=args.stop, fast=not args.reference)
     s = qa.settings
     return dict(alpha_0=s.alpha_0 if args.alpha_0 is None else args.alpha_0,
                 alpha_tilde=s.alpha_tilde if args.alpha_tilde is None else args.alpha_tilde,
@@ -61,6 +78,8 @@ def label(kwargs: dict, policy: str) -> str:
         return "base model (adapter disabled)"
     if policy == "adapter":
         return "adapter alone (softmax Q)"
+    if "strengths" in kwargs:
+        return f"stack of {len(kwargs['strengths'])} (strengths {', '.join(f'{s:g}' for s in kwargs['strengths'])})"
     return f"Q-Adapter (alpha_0={kwargs['alpha_0']:g}, alpha_tilde={kwargs['alpha_tilde']:g})"
 
 
@@ -80,7 +99,8 @@ def run(args) -> int:
     qa = load(args)
     kwargs = decoding_kwargs(args, qa)
     policies = [args.policy] + (["base"] if args.compare and args.policy != "base" else [])
-    answers = {policy: generate(qa.model, qa.tokenizer, prompts, policy=policy, **kwargs) for policy in policies}
+    answers = {policy: (qa.generate(prompts, policy=policy, **kwargs) if "strengths" in kwargs
+                        else generate(qa.model, qa.tokenizer, prompts, policy=policy, **kwargs)) for policy in policies}
     labeled = len(prompts) > 1 or len(policies) > 1
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:

@@ -72,15 +72,17 @@ class QAdapterLM(TemplateLM):
                  view: str = "customized", alpha_0: float | None = None, alpha_tilde: float | None = None,
                  batch_size: int | str | None = 8, max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = 256, device: str | None = None, dtype: str | None = None,
-                 add_bos_token: bool = False, **kwargs: Any):
+                 add_bos_token: bool = False, strengths: str | None = None, **kwargs: Any):
         super().__init__()
         if kwargs:
             log.warning("qadapter: ignoring unsupported model args %s", sorted(kwargs))
         if policy is None:
             if pretrained is None:
                 raise ValueError("give pretrained=<folder or model name> (or policy=<Policy> from Python)")
+            # a stack folder's per-adapter strengths: strengths=0.5:1 (model_args are comma-separated)
+            parsed = [float(x) for x in str(strengths).split(":")] if strengths not in (None, "") else None
             policy = load_policy(pretrained, base_model=base_model, device=_device(device), dtype=dtype,
-                                 alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+                                 alpha_0=alpha_0, alpha_tilde=alpha_tilde, strengths=parsed)
         if view == "base":
             policy = base_policy(policy)
         elif view != "customized":

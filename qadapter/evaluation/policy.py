@@ -181,7 +181,8 @@ class QAdapterBaseView:
         self.tokenizer = qadapter.tokenizer
 
     def __repr__(self) -> str:
-        return f"QAdapterBaseView({self.qadapter.settings.base_model_name_or_path!r})"
+        name = getattr(self.qadapter, "base_model_name_or_path", None)  # a QAdapterStack
+        return f"QAdapterBaseView({name or self.qadapter.settings.base_model_name_or_path!r})"
 
     @property
     def device(self) -> torch.device:
@@ -204,8 +205,9 @@ def base_policy(policy) -> Any:
     :func:`load_policy` and pass it explicitly.
     """
     from ..modeling import QAdapter
+    from ..stack import QAdapterStack
 
-    if isinstance(policy, QAdapter):
+    if isinstance(policy, (QAdapter, QAdapterStack)):
         return QAdapterBaseView(policy)
     if isinstance(policy, QAdapterBaseView):
         return policy
@@ -224,9 +226,12 @@ def _dtype(dtype):
 
 
 def load_policy(path_or_name: str | os.PathLike, *, base_model: str | None = None, device: str | None = None,
-                dtype=None, alpha_0: float | None = None, alpha_tilde: float | None = None):
+                dtype=None, alpha_0: float | None = None, alpha_tilde: float | None = None,
+                strengths=None):
     """Load any evaluated policy from a folder or model name.
 
+    * a stack folder (``qadapter_stack.json``) → :class:`~qadapter.stack.QAdapterStack` (``strengths``:
+      one decoding strength per adapter, default the saved ones; ``base_model``: the ORIGINAL base);
     * a folder with ``qadapter_config.json`` → :class:`~qadapter.modeling.QAdapter` (``alpha_0`` /
       ``alpha_tilde`` override the saved decoding temperatures; ``base_model`` the base it loads onto);
     * a folder with ``adapter_config.json`` (a PEFT adapter, e.g. SFT / DPO LoRA) → :class:`HFPolicy`
@@ -240,6 +245,17 @@ def load_policy(path_or_name: str | os.PathLike, *, base_model: str | None = Non
 
     torch_dtype = _dtype(dtype)
     path = Path(str(path_or_name))
+    from ..stack import STACK_CONFIG, QAdapterStack
+
+    if (path / STACK_CONFIG).is_file():
+        if alpha_0 is not None or alpha_tilde is not None:
+            raise ValueError(f"{path_or_name} is a stack: give strengths=[s_1, ..., s_k] instead of alpha_0 / alpha_tilde")
+        policy = QAdapterStack.from_pretrained(path, base_model=base_model, torch_dtype=torch_dtype, strengths=strengths)
+        if device:
+            policy.model.to(device)
+        return policy
+    if strengths is not None:
+        raise ValueError(f"strengths apply to a stack; {path_or_name} holds no {STACK_CONFIG}")
     if (path / CONFIG_NAME).is_file():
         policy = QAdapter.from_pretrained(path, base_model=base_model, torch_dtype=torch_dtype,
                                           alpha_0=alpha_0, alpha_tilde=alpha_tilde)
