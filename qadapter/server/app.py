@@ -198,6 +198,9 @@ def create_app(served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: 
         if error:
             raise APIError(500, error, type="server_error")
         if any(r.finish_reason is None or r.finish_reason == "cancelled" for r in rows):
+            if sched.closed:
+                raise APIError(503, "the server is shutting down", type="server_error", code="unavailable",
+                               headers={"Retry-After": str(sched.retry_after())})
             raise APIError(499, "the client closed the request", code="cancelled")
         choices = []
         for i, r in enumerate(rows):

@@ -273,6 +273,7 @@ class Scheduler:
         self.failure: str | None = None
         self.last_batch_seconds = 1.0
         self.free_since = 0.0
+        self.current: list[Row] = []
         self.thread = threading.Thread(target=self._loop, name="qadapter-decoder", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -282,7 +283,7 @@ class Scheduler:
     def close(self, timeout: float = 10.0) -> None:
         with self.cv:
             self.closed = True
-            for r in self.pending:
+            for r in [*self.pending, *self.current]:  # the running batch stops at its next token
                 r.cancel()
             self.cv.notify_all()
         if self.thread.ident is not None and threading.current_thread() is not self.thread:
@@ -337,6 +338,7 @@ class Scheduler:
             taken = set(map(id, batch))
             self.pending = collections.deque(r for r in live if id(r) not in taken)
             self.running = len(batch)
+            self.current = batch
             return batch
 
     def _loop(self) -> None:
@@ -356,6 +358,7 @@ class Scheduler:
                 self.last_batch_seconds = time.monotonic() - start
                 with self.cv:
                     self.running = 0
+                    self.current = []
                     self.free_since = time.monotonic()
                     self.cv.notify_all()
 

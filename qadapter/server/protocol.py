@@ -24,9 +24,9 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream
           "strength", "alpha_0", "alpha_tilde", "top_k"}
 #: fields a client may send with their "off" value; anything else is not supported
 IGNORED_IF_OFF = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
-                  "logit_bias": (None,), "logprobs": (None, False), "top_logprobs": (None, 0),
-                  "tools": (None,), "tool_choice": (None, "none"), "response_format": (None,),
-                  "parallel_tool_calls": (None, False, True), "metadata": (None,), "store": (None, False),
+                  "logit_bias": (None, {}), "logprobs": (None, False), "top_logprobs": (None, 0),
+                  "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+                  "parallel_tool_calls": (None, False, True), "metadata": (None, {}), "store": (None, False),
                   "service_tier": (None, "auto", "default"), "echo": (None, False), "best_of": (None, 1),
                   "suffix": (None,)}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
