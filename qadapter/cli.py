@@ -6,6 +6,8 @@
     qadapter compare --output-dir DIR [flags]    Q-Adapter vs SFT / Replay / DPO: retention and preference
     qadapter serve --adapter NAME=DIR            an OpenAI-compatible server with a web playground
     qadapter export DIR --to OUT [--strength S]  one plain PEFT LoRA folder (vLLM, plain generate())
+
+A user error prints one message on stderr and exits 2 (``--debug``: the traceback); see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,26 @@ from . import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user error (bad data, a bad flag or path, a module name that does not exist,
+    a corrupted checkpoint) prints one message on stderr and returns 2; a failed save returns 1.
+    ``--debug`` (anywhere) shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    from .errors import SaveError, UserError, cli_spelling
+    from .integrity import NonFiniteError
+
+    with cli_spelling():
+        try:
+            return _main(argv)
+        except (UserError, SaveError, NonFiniteError) as err:
+            if debug:
+                raise
+            print(f"qadapter: error: {err}", file=sys.stderr, flush=True)
+            return 2 if isinstance(err, UserError) else 1
+
+
+def _main(argv: list[str]) -> int:
     # `train` owns its parser: every TrainingArguments / QAdapterConfig field is a flag there.
     if argv and argv[0] == "train":
         from .commands import train
@@ -29,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qadapter", description="Customize a chat LLM to new preferences "
                                      "without forgetting (Q-Adapter, ICLR 2025).")
     parser.add_argument("--version", action="version", version=f"qadapter {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (any command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help=train_cmd.HELP + " (see: qadapter train --help)", add_help=False)
     generate.add_parser(sub)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .errors import ConfigError, SaveError, UserError, check_number, option
 from .objective import NORMALIZERS, composed_logits
 
 CONFIG_NAME = "qadapter_config.json"
@@ -50,8 +51,11 @@ class QAdapterSettings:
     def __post_init__(self):
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
-        if self.alpha_tilde <= 0:
-            raise ValueError(f"alpha_tilde must be > 0, got {self.alpha_tilde}")
+        # the method's knobs, validated here only (QAdapterConfig validates through this class)
+        check_number("alpha_tilde", self.alpha_tilde, low=0, low_open=True)
+        check_number("alpha_0", self.alpha_0, low=0, allow_none=True)
+        check_number("gamma", self.gamma, low=0, low_open=True, high=1)
+        check_number("beta", self.beta, low=0)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -115,26 +119,61 @@ def causal_lm_logits(model, input_ids, attention_mask=None, positions: torch.Ten
     return model(**kwargs, logits_to_keep=positions).logits
 
 
-def save_atomically(output_dir: str | os.PathLike, write) -> Path:
+def save_atomically(output_dir: str | os.PathLike, write, *, manifest: bool = True) -> Path:
     """Run ``write(folder)`` into a temporary sibling folder that then replaces ``output_dir``, so
-    a crash never leaves a half-written model behind (and an old one survives a failed save)."""
+    a crash never leaves a half-written model behind (and an old one survives a failed save).
+
+    ``manifest``: also record every file's size and SHA-256 (``qadapter_checksums.json``), so that a
+    later load detects a truncated or corrupted file. A write that fails (no space left, no
+    permission) raises :class:`~qadapter.errors.SaveError` saying so; the previous folder is intact.
+    """
+    from .integrity import write_manifest
+
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         write(tmp)
+        if manifest:
+            write_manifest(tmp)
         if output_dir.exists():
             old = output_dir.with_name(output_dir.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             output_dir.rename(old)
-            tmp.rename(output_dir)
+            try:
+                tmp.rename(output_dir)
+            except BaseException:
+                old.rename(output_dir)  # put the previous one back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(output_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = (f"the previous {output_dir} is intact" if output_dir.exists()
+                else f"nothing was written to {output_dir}")
+        what = f" ({os.strerror(e.errno)})" if e.errno and not e.strerror else ""
+        raise SaveError(e.errno, f"could not save {output_dir}: {e.strerror or e}{what}"
+                        f"{f' while writing {Path(e.filename).name}' if e.filename else ''}; {kept}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def check_target_modules(model, target_modules) -> None:
+    """Refuse LoRA target module names that match no module of ``model`` (PEFT matches a name
+    against each module's full name or its last components), listing the linear modules it has."""
+    if target_modules is None or (isinstance(target_modules, str) and target_modules == "all-linear"):
+        return
+    names = [m.strip() for m in target_modules.split(",")] if isinstance(target_modules, str) else list(target_modules)
+    modules = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in names if t and not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing or not any(names):
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"{option('lora_target_modules', ','.join(names))}: no module named "
+                          f"{', '.join(missing) or '(none given)'} in this model; its linear modules are "
+                          f"{', '.join(linear) or '(none)'} (or use all-linear)")
 
 
 class QAdapter:
@@ -158,22 +197,45 @@ class QAdapter:
         settings = settings or QAdapterSettings()
         settings.base_fingerprint = base_fingerprint(base_model)
         settings.base_model_name_or_path = settings.base_model_name_or_path or getattr(base_model, "name_or_path", None)
-        model = get_peft_model(base_model, peft_config or lora_config())
+        peft_config = peft_config or lora_config()
+        if not isinstance(peft_config.target_modules, str):  # a string is PEFT's regex (or all-linear)
+            check_target_modules(base_model, peft_config.target_modules)
+        model = get_peft_model(base_model, peft_config)
         return cls(model, tokenizer, settings)
 
     @classmethod
     def from_pretrained(cls, adapter_dir: str | os.PathLike, base_model=None, tokenizer=None,
-                        torch_dtype=None, **settings_overrides) -> "QAdapter":
+                        torch_dtype=None, trust_remote_code: bool = False, **settings_overrides) -> "QAdapter":
         """Load a saved Q-Adapter. ``base_model`` (a model or a path / hub id) defaults to the one it
-        was trained on; a base whose weights differ from the training base is refused."""
+        was trained on; a base whose weights differ from the training base is refused.
+
+        The adapter is read from safetensors only (a pickled ``adapter_model.bin`` is refused), after
+        its files are checked (:func:`qadapter.integrity.verify_folder`: a truncated or corrupted
+        file, or non-finite weights, is refused naming the file). A base model that asks to run
+        its own code is refused unless ``trust_remote_code=True``.
+        """
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .integrity import check_no_remote_code, verify_folder
+
         adapter_dir = Path(adapter_dir)
         cfg_path = adapter_dir / CONFIG_NAME
+        if not adapter_dir.is_dir():
+            raise UserError(f"{adapter_dir}: no such adapter folder")
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{adapter_dir} holds no {CONFIG_NAME}: is it a folder saved by qadapter?")
-        settings = QAdapterSettings.from_file(cfg_path)
+            raise UserError(f"{adapter_dir} holds no {CONFIG_NAME}: is it a folder saved by qadapter?")
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            pickled = [p.name for p in adapter_dir.glob("*.bin")]
+            raise UserError(f"{adapter_dir / (pickled[0] if pickled else 'adapter_model.safetensors')}: "
+                            + ("a pickle file, which can run code when loaded; qadapter loads adapter weights "
+                               "from adapter_model.safetensors only (convert it once with safetensors, from a "
+                               "source you trust)" if pickled else "missing; the adapter folder is incomplete"))
+        verify_folder(adapter_dir, "adapter", finite=True)
+        try:
+            settings = QAdapterSettings.from_file(cfg_path)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{cfg_path}: invalid settings ({e})") from None
         for key, value in settings_overrides.items():
             if value is not None:
                 setattr(settings, key, value)
@@ -181,9 +243,11 @@ class QAdapter:
             name = str(base_model or settings.base_model_name_or_path)
             from .embedded import resolve_model_path
             path = resolve_model_path(name)
+            check_no_remote_code(path, trust_remote_code)
             base_model = AutoModelForCausalLM.from_pretrained(path, revision=settings.base_model_revision if base_model is None else None,
-                                                              dtype=torch_dtype or torch.float32)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+                                                              dtype=torch_dtype or torch.float32,
+                                                              trust_remote_code=trust_remote_code)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         found = base_fingerprint(base_model)
         if settings.base_fingerprint and found != settings.base_fingerprint:
             raise ValueError(
@@ -200,7 +264,12 @@ class QAdapter:
 
     def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
         """Save atomically: the PEFT adapter (loadable by ``PeftModel.from_pretrained``), the
-        tokenizer and ``qadapter_config.json``."""
+        tokenizer and ``qadapter_config.json``. Weights that are not finite are refused (nothing is
+        written); a failed write raises :class:`~qadapter.errors.SaveError`, the previous folder intact."""
+        from .integrity import check_finite_weights
+
+        check_finite_weights(self.model)
+
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder)
             if self.tokenizer is not None:

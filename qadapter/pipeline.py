@@ -175,17 +175,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
 
     started = time.monotonic()
     torch.manual_seed(config.seed)
-    model_path = resolve_model_path(job.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if job.on:
-        from .stack import merge_into
-
-        model, earlier = merge_into(model, job.on)  # π1 = the earlier customized policy, exactly
-        log(f"on {job.on}: merged its {len(earlier.folders)} adapter(s) into the base; training the next level")
-
+    # The data are read and validated before any model is loaded: a bad file fails in seconds.
     if job.data is None:
         pairs, load_report = load_embedded_pairs()
         data_name = f"embedded HH-RLHF harmless ({default_data_path().name})"
@@ -194,6 +184,10 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
                                                    allow_empty_response=job.allow_empty_response)
         data_name = job.data
     log(f"data: {load_report.summary()}")
+    model_path = resolve_model_path(job.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
     # Tokenize once, before the split, so that length filtering cannot unbalance train and eval.
     ids, tok_report = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
@@ -219,6 +213,12 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     if job.save_split and config.process_index == 0:
         save_split(Path(config.output_dir) / "split", train_ids, eval_ids, split_info)
 
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if job.on:
+        from .stack import merge_into
+
+        model, earlier = merge_into(model, job.on)  # π1 = the earlier customized policy, exactly
+        log(f"on {job.on}: merged its {len(earlier.folders)} adapter(s) into the base; training the next level")
     callbacks = []
     timer = None
     if job.max_train_minutes:

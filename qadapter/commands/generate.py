@@ -17,6 +17,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default=None, metavar="PATH",
                         help="base model folder or hub id (default: the one the adapter was trained on)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true", dest="trust_remote_code",
+                        help="allow a base model that ships its own Python code to run it (off: such a model is refused)")
     parser.add_argument("--alpha-0", type=float, default=None, dest="alpha_0",
                         help="α0 of eq. (1), the weight of log π1 (default: the adapter's setting)")
     parser.add_argument("--alpha-tilde", type=float, default=None, dest="alpha_tilde",
@@ -51,7 +53,8 @@ def load(args):
         stack = QAdapterStack.from_pretrained(args.adapter, base_model=args.base_model, strengths=strengths)
         stack.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return stack
-    qa = QAdapter.from_pretrained(args.adapter, base_model=args.base_model)
+    qa = QAdapter.from_pretrained(args.adapter, base_model=args.base_model,
+                                  trust_remote_code=getattr(args, "trust_remote_code", False))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     qa.model.to(device)
     qa.model.eval()

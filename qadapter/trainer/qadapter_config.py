@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..data.tokenization import check_lengths
+from ..errors import check_number
 from ..objective import NORMALIZERS
 
 
@@ -62,3 +64,8 @@ class QAdapterConfig(TrainingArguments):
             raise ValueError(f"normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
         if self.alpha_tilde <= 0:
             raise ValueError(f"alpha_tilde must be > 0, got {self.alpha_tilde}")
+        check_number("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_lengths(self.max_length, self.max_prompt_length)
+        check_number("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        for name in ("lora_r", "lora_alpha"):
+            check_number(name, getattr(self, name), low=0, low_open=True)

@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
-from ..modeling import CONFIG_NAME, QAdapterSettings, base_fingerprint, lora_config, position_ids_from_mask
+from ..integrity import check_finite_weights
+from ..modeling import (CONFIG_NAME, QAdapterSettings, base_fingerprint, check_target_modules, lora_config,
+                        position_ids_from_mask)
 from ..objective import (composed_logits, implied_rewards, length_normalizers, preference_loss,
                          reference_compat_loss, soft_values)
+from .faults import ChecksumCheckpoints, WithRows, check_loss
 from .qadapter_config import QAdapterConfig
 
 
@@ -452,6 +455,7 @@ class QAdapterTrainer(Trainer):
         fingerprint = base_fingerprint(model)
         if not isinstance(model, PeftModel):
             target = args.lora_target_modules
+            check_target_modules(model, target)
             model = get_peft_model(model, peft_config or lora_config(
                 args.lora_r, args.lora_alpha, args.lora_dropout,
                 target if target == "all-linear" else target.split(",")))
@@ -463,13 +467,24 @@ class QAdapterTrainer(Trainer):
             base_fingerprint=fingerprint)
         train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
         eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
-        kwargs.setdefault("data_collator", PreferencePairCollator(processing_class.pad_token_id))
+        kwargs.setdefault("data_collator", WithRows(PreferencePairCollator(processing_class.pad_token_id)))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         # Our loss is already a mean over the pairs of a micro-batch: let Trainer divide by the
         # gradient-accumulation steps as it does for any loss that ignores num_items_in_batch.
         self.model_accepts_loss_kwargs = False
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
+        self.add_callback(ChecksumCheckpoints())
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint`` may also be ``"auto"`` (the newest intact
+        checkpoint in ``output_dir``, if any), and a checkpoint is checked before it is loaded."""
+        from ..integrity import resolve_resume
+
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir,
+                                log=print if self.args.should_log else (lambda *_: None))
+        return super().train(resume, *args, **kwargs)
+
 
     @staticmethod
     def _tokenize(dataset, tokenizer, args, split):
@@ -486,6 +501,8 @@ class QAdapterTrainer(Trainer):
     # ------------------------------------------------------------------ loss and metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = qadapter_step(model, inputs, self.args, pad_token_id=self.processing_class.pad_token_id)
+        if model.training:
+            check_loss(out["loss"], inputs, self.state)  # stop before a non-finite step reaches the weights
         self._store(out, "train" if model.training else "eval")
         return (out["loss"], out) if return_outputs else out["loss"]
 
@@ -518,6 +535,7 @@ class QAdapterTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
+        check_finite_weights(self.model)  # never write a NaN adapter
         super()._save(output_dir, state_dict)
         import os
         output_dir = output_dir or self.args.output_dir
