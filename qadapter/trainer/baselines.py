@@ -100,7 +100,6 @@ def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, 
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
     peft_config = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     check_target_modules(model, peft_config.target_modules)
-    check_target_modules(model, peft_config.target_modules)
     common = _training_kwargs(config)
     if method == "dpo":
         args = DPOConfig(**common, beta=dpo_beta, max_length=config.max_length)
