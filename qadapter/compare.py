@@ -14,6 +14,14 @@ logits):
 
 It writes ``OUT/results.md``, ``OUT/results.csv`` (base + one row per method, every number with its
 bootstrap 95% interval and n) and ``OUT/tradeoff.png`` (retention lost against preference gained).
+
+**A frontier** instead of one point per method: methods are specs (``dpo:beta=0.3``,
+``sft:max_steps=20``, ``sft_kl:kl_weight=1``; :data:`METHOD_REGISTRY` says which settings each
+method takes), each trained once into its own folder, and ``strengths`` turns one trained Q-Adapter
+into one policy per decode-time strength (``qadapter@0.5``, no retraining). Every evaluated policy
+is a :class:`PolicyPoint`; ``OUT/frontier.png`` draws them all, retention (KL, ARC-Easy) against
+preference (margin accuracy, preference accuracy, win rate), one curve per Q-Adapter and per
+baseline method.
 Everything is resumable: a method whose ``adapter/report.json`` exists is not retrained, a judge
 already saved is not retrained, and an evaluation whose JSON under ``OUT/eval/<policy>/`` was made
 with the same settings is not recomputed. ``qadapter compare`` is a thin shell over this module.
@@ -39,11 +47,158 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["BENCHMARKS", "RETENTION_BENCHMARKS", "METHODS", "DEFAULT_LIMITS", "Comparison", "run_comparison",
+__all__ = ["BENCHMARKS", "RETENTION_BENCHMARKS", "METHODS", "METHOD_REGISTRY", "DEFAULT_LIMITS", "Comparison",
+           "MethodSpec", "PolicyPoint", "parse_method_spec", "policy_points", "run_comparison",
            "train_reward_judge", "parse_limits", "tradeoff", "write_results"]
 
-#: the methods compared (the paper's Table: Q-Adapter and its SFT / Replay / DPO baselines)
+#: the methods compared by default (the paper's Table: Q-Adapter and its SFT / Replay / DPO baselines)
 METHODS = ("qadapter", "sft", "replay", "dpo")
+
+
+# --------------------------------------------------------------------------- method specs and policy points
+@dataclass(frozen=True)
+class MethodParam:
+    """A training setting a method spec may change: ``job.<field>`` or ``config.<field>``."""
+
+    target: str  # "job" or "config"
+    field: str
+    type: type
+    label: str
+
+
+#: every method ``run_comparison`` trains, and the settings its spec (``method:name=value,...``) may
+#: set. A new method or knob is one entry here; nothing else in this module names a method's settings.
+_BUDGET = {"max_steps": MethodParam("config", "max_steps", int, "steps"),
+           "learning_rate": MethodParam("config", "learning_rate", float, "lr")}
+METHOD_REGISTRY: dict[str, dict[str, MethodParam]] = {
+    "qadapter": {**_BUDGET, "beta": MethodParam("config", "beta", float, "β (χ²)")},
+    "sft": dict(_BUDGET),
+    "replay": dict(_BUDGET),
+    "dpo": {**_BUDGET, "beta": MethodParam("job", "dpo_beta", float, "β")},
+    "sft_kl": {**_BUDGET, "kl_weight": MethodParam("job", "kl_weight", float, "KL weight")},
+}
+
+
+def _number_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One trained method: ``method`` with some training settings changed (``dpo:beta=0.3``).
+    A plain name (``dpo``) trains with the comparison's settings, into ``OUT/dpo/`` as before."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if not self.params:
+            return self.method
+        return self.method + ":" + ",".join(f"{k}={_number_text(v)}" for k, v in self.params)
+
+    @property
+    def folder(self) -> str:
+        """The folder name under OUT (and under OUT/eval) of this spec."""
+        return self.method + "".join(f"_{k}={_number_text(v)}" for k, v in self.params)
+
+    def setting_label(self) -> str:
+        return ", ".join(f"{METHOD_REGISTRY[self.method][k].label}={_number_text(v)}" for k, v in self.params)
+
+    def apply(self, job, config):
+        """(job, config) of this spec: copies of the comparison's with the spec's settings."""
+        job_changes = {METHOD_REGISTRY[self.method][k].field: v for k, v in self.params
+                       if METHOD_REGISTRY[self.method][k].target == "job"}
+        job = dataclasses.replace(job, method=self.method, **job_changes)
+        config = copy.deepcopy(config)
+        for k, v in self.params:
+            param = METHOD_REGISTRY[self.method][k]
+            if param.target == "config":
+                setattr(config, param.field, v)
+        return job, config
+
+
+def parse_method_spec(text: "str | MethodSpec") -> MethodSpec:
+    """``"dpo"``, ``"dpo:beta=0.3"``, ``"sft:max_steps=20,learning_rate=1e-4"`` → :class:`MethodSpec`.
+    An unknown method or setting, or a value of the wrong type, is a ValueError naming the spec."""
+    if isinstance(text, MethodSpec):
+        return text
+    spec = str(text).strip()
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if method not in METHOD_REGISTRY:
+        raise ValueError(f"method spec {spec!r}: unknown method {method!r}; known: {', '.join(METHOD_REGISTRY)}")
+    known = METHOD_REGISTRY[method]
+    params: dict[str, Any] = {}
+    for part in (p.strip() for p in rest.split(",") if p.strip()) if rest.strip() else ():
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not value.strip():
+            raise ValueError(f"method spec {spec!r}: {part!r} is not NAME=VALUE")
+        if key not in known:
+            raise ValueError(f"method spec {spec!r}: {method} has no setting {key!r}; it takes "
+                             f"{', '.join(known)}")
+        if key in params:
+            raise ValueError(f"method spec {spec!r}: {key} given twice")
+        try:
+            number = known[key].type(value.strip())
+        except ValueError:
+            raise ValueError(f"method spec {spec!r}: {key}={value.strip()!r} is not a {known[key].type.__name__}") from None
+        if not number > 0:
+            raise ValueError(f"method spec {spec!r}: {key} must be > 0, got {value.strip()}")
+        params[key] = number
+    if rest.strip() == "" and ":" in spec:
+        raise ValueError(f"method spec {spec!r}: nothing after ':' (give NAME=VALUE, or the plain method name)")
+    return MethodSpec(method, tuple(sorted(params.items())))
+
+
+@dataclass(frozen=True)
+class PolicyPoint:
+    """One evaluated policy, a point of the frontier: the base model, a trained spec, or a
+    Q-Adapter spec decoded at ``strength`` (``qadapter@0.5``: one trained adapter, many points)."""
+
+    spec: MethodSpec | None  # None: the base model
+    strength: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.spec is None:
+            return "base"
+        return self.spec.name + ("" if self.strength is None else f"@{_number_text(float(self.strength))}")
+
+    @property
+    def folder(self) -> str:
+        if self.spec is None:
+            return "base"
+        return self.spec.folder + ("" if self.strength is None else f"@{_number_text(float(self.strength))}")
+
+    @property
+    def curve(self) -> str:
+        """The curve this point is drawn on: a Q-Adapter's strengths join per trained adapter, a
+        baseline's settings join per method."""
+        if self.spec is None:
+            return "base"
+        return self.spec.name if self.strength is not None else self.spec.method
+
+    def setting_label(self) -> str:
+        if self.spec is None:
+            return ""
+        parts = [self.spec.setting_label()] if self.spec.params else []
+        if self.strength is not None:
+            parts.append(f"strength={_number_text(float(self.strength))}")
+        return ", ".join(parts)
+
+
+def policy_points(specs: Sequence[MethodSpec], strengths: Sequence[float] | None = None) -> list[PolicyPoint]:
+    """The evaluated points (base first): every Q-Adapter spec at every decode-time strength
+    (at its trained setting when ``strengths`` is None), every other spec once."""
+    points = [PolicyPoint(None)]
+    for spec in specs:
+        if spec.method == "qadapter" and strengths:
+            points += [PolicyPoint(spec, float(s)) for s in strengths]
+        else:
+            points.append(PolicyPoint(spec))
+    return points
 
 
 @dataclass(frozen=True)
@@ -88,9 +243,9 @@ TRAINING_CONFIG_FIELDS = ("seed", "learning_rate", "lr_scheduler_type", "warmup_
                           "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                           "max_length", "max_prompt_length", "lora_r", "lora_alpha", "lora_dropout",
                           "lora_target_modules", "alpha_0", "alpha_tilde", "beta", "gamma", "normalizer",
-                          "reference_compat", "bf16", "fp16")
+                          "reference_compat", "parameterization", "value_pairing", "bf16", "fp16")
 TRAINING_JOB_FIELDS = ("model", "data", "eval_pairs", "train_pairs", "drop_longer_than", "max_train_minutes",
-                       "skip_invalid", "allow_empty_response", "dpo_beta")
+                       "skip_invalid", "allow_empty_response", "dpo_beta", "kl_weight")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -381,6 +536,134 @@ def tradeoff(results: dict[str, dict[str, dict]], methods: Sequence[str], benchm
     return out
 
 
+# --------------------------------------------------------------------------- several strengths, one forward
+def _point_record(point: PolicyPoint) -> dict[str, Any]:
+    return {"name": point.name, "folder": point.folder, "curve": point.curve,
+            "method": point.spec.method if point.spec else "base", "spec": point.spec.name if point.spec else None,
+            "params": dict(point.spec.params) if point.spec else {}, "strength": point.strength,
+            "setting": point.setting_label()}
+
+
+def _strength_name(strength: float) -> str:
+    return f"strength={float(strength)!r}"  # qadapter.scoring.policy_specs' name of that policy
+
+
+def _preferences_at_strengths(qa, pairs, strengths: Sequence[float], *, limit, seed: int, batch_size: int,
+                              progress: bool, n_boot: int = 1000) -> dict[float, Any]:
+    """:func:`~qadapter.evaluation.evaluate_preferences` of the Q-Adapter ``qa`` at every strength
+    (against its own base view), from ONE scorer call: π1 and π̃ at each strength share every forward.
+    The same items, requests and metrics as the evaluator (checked in tests/test_compare.py)."""
+    from .evaluation.policy import pad_token_id
+    from .evaluation.preference import encode_prompt_response, split_pair
+    from .evaluation.stats import EvalResult, make_metric, subsample
+    from .scoring import score
+
+    rows = subsample(list(enumerate(pairs)), limit, seed)
+    requests = []
+    for _, row in rows:
+        prompt, chosen, rejected = split_pair(row)
+        requests.append(encode_prompt_response(qa.tokenizer, prompt, chosen))
+        requests.append(encode_prompt_response(qa.tokenizer, prompt, rejected))
+    scores = score(qa.model, requests, settings=qa.settings, policies=("base",), strengths=list(strengths),
+                   pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size, progress=progress,
+                   desc="preferences at every strength")
+    lb = np.asarray(scores.logprobs["base"]).reshape(-1, 2)
+    out = {}
+    for strength in strengths:
+        lp = np.asarray(scores.logprobs[_strength_name(strength)]).reshape(-1, 2)
+        margin = (lp[:, 0] - lb[:, 0]) - (lp[:, 1] - lb[:, 1])
+        metrics = {"margin_accuracy": make_metric(_ties_half(margin), n_boot, seed),
+                   "likelihood_accuracy": make_metric(_ties_half(lp[:, 0] - lp[:, 1]), n_boot, seed),
+                   "mean_margin": make_metric(margin, n_boot, seed),
+                   "base_likelihood_accuracy": make_metric(_ties_half(lb[:, 0] - lb[:, 1]), n_boot, seed)}
+        samples = [{"index": i, "logp_chosen": float(a[0]), "logp_rejected": float(a[1]),
+                    "base_logp_chosen": float(b[0]), "base_logp_rejected": float(b[1]), "margin": float(m)}
+                   for (i, _), a, b, m in zip(rows, lp, lb, margin)]
+        out[strength] = EvalResult("preferences", len(rows), metrics, "margin_accuracy", {"limit": limit, "seed": seed},
+                                   samples=samples)
+    return out
+
+
+def _arc_at_strengths(qa, subset: str, strengths: Sequence[float], *, limit, seed: int, batch_size: int, data_dir,
+                      progress: bool, n_boot: int = 1000) -> dict[float, Any]:
+    """:func:`~qadapter.evaluation.evaluate_arc` of the Q-Adapter ``qa`` at every strength from ONE
+    scorer call (each question's context computed once for all its choices and all strengths;
+    checked in tests/test_compare.py against the evaluator at each strength)."""
+    from .evaluation.benchmarks import load_arc
+    from .evaluation.policy import pad_token_id
+    from .evaluation.scoring import _prepare_requests
+    from .evaluation.stats import EvalResult, make_metric, subsample
+    from .evaluation.tasks import _encode_pair
+    from .scoring import score
+
+    items = subsample(load_arc(subset, data_dir), limit, seed)
+    requests, owners = [], []
+    for i, item in enumerate(items):
+        for continuation in item.continuations:
+            requests.append(_encode_pair(qa.tokenizer, item.context, continuation))
+            owners.append(i)
+    scores = score(qa.model, _prepare_requests(requests, None), settings=qa.settings, policies=(),
+                   strengths=list(strengths), pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size,
+                   progress=progress, desc=f"arc_{subset} at every strength")
+    out = {}
+    for strength in strengths:
+        lls: list[list[float]] = [[] for _ in items]
+        for i, ll in zip(owners, scores.logprobs[_strength_name(strength)]):
+            lls[i].append(ll)
+        acc, acc_norm, samples = [], [], []
+        for item, ll in zip(items, lls):
+            ll_arr = np.asarray(ll)
+            lengths = np.asarray([max(1, len(c.strip()) or len(c)) for c in item.continuations], dtype=float)
+            pred, pred_norm = int(ll_arr.argmax()), int((ll_arr / lengths).argmax())
+            acc.append(float(pred == item.gold))
+            acc_norm.append(float(pred_norm == item.gold))
+            samples.append({**item.meta, "gold": item.gold, "pred": pred, "pred_norm": pred_norm, "loglikelihoods": ll})
+        metrics = {"acc": make_metric(acc, n_boot, seed), "acc_norm": make_metric(acc_norm, n_boot, seed)}
+        out[strength] = EvalResult(f"arc_{subset}", len(items), metrics, "acc",
+                                   {"subset": subset, "limit": limit, "seed": seed, "chat": False}, samples=samples)
+    return out
+
+
+def _kl_at_strengths(qa, strengths: Sequence[float], *, prompts, responses, max_new_tokens: int, seed: int,
+                     batch_size: int, progress: bool, n_boot: int = 1000) -> dict[float, Any]:
+    """:func:`~qadapter.evaluation.kl_from_base` of the Q-Adapter ``qa`` at every strength from its
+    own base branch, on the base model's fixed answers, from ONE scorer call (checked in
+    tests/test_compare.py against the evaluator at each strength)."""
+    from .evaluation.policy import encode, pad_token_id
+    from .evaluation.stats import EvalResult, make_metric
+    from .generation import encode_prompt
+    from .scoring import score
+
+    tok = qa.tokenizer
+    messages = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    rows = []
+    for i, (prompt, response) in enumerate(zip(messages, responses)):
+        resp = encode(tok, response)
+        if resp:
+            rows.append((i, encode_prompt(tok, prompt), resp))
+    kls = {}
+    if rows:
+        kls = score(qa.model, [(pr, r) for _, pr, r in rows], settings=qa.settings, policies=(),
+                    strengths=list(strengths), kl="policy||base", pad_token_id=pad_token_id(tok),
+                    batch_size=batch_size, progress=progress, desc="KL at every strength").kl
+    out = {}
+    n_tokens = sum(len(r[2]) for r in rows)
+    for strength in strengths:
+        sums = kls.get(_strength_name(strength), [])
+        per_prompt = {i: v / len(resp) for (i, _, resp), v in zip(rows, sums)}
+        order = sorted(per_prompt)
+        values = [per_prompt[i] for i in order]
+        result = EvalResult("kl_from_base", len(values), {"kl": make_metric(values, n_boot, seed)}, "kl",
+                            {"direction": "policy||base", "limit": None, "seed": seed, "max_new_tokens": max_new_tokens,
+                             "n_prompts": len(messages)},
+                            samples=[{"index": i, "kl": per_prompt[i]} for i in order])
+        result.extra.update(kl_token_mean=float(sum(sums)) / n_tokens if n_tokens else float("nan"), n_tokens=n_tokens,
+                            skipped_empty=len(messages) - len(values), prompts=messages, responses=list(responses),
+                            kl_max_prompt=float(np.max(values)) if values else float("nan"))
+        out[strength] = result
+    return out
+
+
 # --------------------------------------------------------------------------- writers
 def _fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -422,10 +705,12 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
     trade = tradeoff(comparison.results, comparison.methods, comparison.benchmarks, seed=seed)
     comparison.info["tradeoff"] = trade
     paths = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "tradeoff.png"}
+    points = {r["name"]: r for r in info.get("points") or []}
+    specs = list(info.get("specs") or comparison.methods)  # the trained folders (a Q-Adapter's strengths share one)
 
     # ---- CSV: one row per policy, every number with its interval and n (win rate empty when not measured)
     csv_columns = _columns(comparison.benchmarks, True)
-    header = ["policy"]
+    header = ["policy", "method", "setting"]
     for c in csv_columns:
         header += [c.key, f"{c.key}_ci_low", f"{c.key}_ci_high", f"{c.key}_n"]
     for t in ("retention_lost", "preference_gained"):
@@ -435,7 +720,9 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
         writer = csv.writer(f)
         writer.writerow(header)
         for policy in comparison.policies:
-            cells = [policy]
+            record = points.get(policy) or {}
+            cells = [policy, record.get("method", policy if policy == "base" else policy.split(":")[0].split("@")[0]),
+                     record.get("setting", "")]
             metrics = [_metric(comparison.results.get(policy, {}), c) for c in csv_columns]
             if policy == "base":
                 zero = {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": ""}
@@ -449,9 +736,12 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
 
     # ---- the plot
     _plot(paths["png"], trade, comparison)
+    frontier = _plot_frontier(out / "frontier.png", comparison, columns)
+    if frontier:
+        paths["frontier"] = frontier
     from .plots import plot_training_curves
 
-    histories = {m: ((info.get("reports") or {}).get(m) or {}).get("log_history") for m in comparison.methods}
+    histories = {m: ((info.get("reports") or {}).get(m) or {}).get("log_history") for m in specs}
     curves = plot_training_curves({m: h for m, h in histories.items() if h}, out / "training_curves.png",
                                   title="Training curves of the compared methods")
     if curves:
@@ -460,7 +750,9 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
     # ---- markdown
     md = ["# Q-Adapter against the paper's baselines", ""]
     md.append(f"Base model `{info.get('model')}`, preference data `{info.get('data')}`; "
-              f"methods: {', '.join(comparison.methods)}.")
+              f"methods: {', '.join(specs)}"
+              + (f"; every Q-Adapter decoded at strengths {', '.join(f'{x:g}' for x in info['strengths'])} "
+                 "(one trained adapter, one policy per strength)" if info.get("strengths") else "") + ".")
     md.append("")
     split = info.get("split") or {}
     if split:
@@ -494,6 +786,8 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
              _cell(trade[m]["preference_gained"], True),
              _cell(trade[m]["win_rate"], True) if judged else "not measured"] for m in comparison.methods]
     retention = [BENCHMARKS[b].label for b in comparison.benchmarks if b in RETENTION_BENCHMARKS]
+    if "frontier" in paths:
+        md += _frontier_section(comparison, columns)
     md += ["## Trade-off against the base model", "",
            f"Retention lost: mean over {', '.join(retention) if retention else '(no retention benchmark)'} of "
            "(base score − method score), items paired. Preference gained: held-out preference accuracy "
@@ -509,7 +803,7 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
     else:
         md += ["Made with the Python API (`qadapter.compare.run_comparison`).", ""]
     train_rows = []
-    for m in comparison.methods:
+    for m in specs:
         rep = (info.get("reports") or {}).get(m) or {}
         train_rows.append([m, str(rep.get("steps", "?")), str(rep.get("train_pairs", "?")),
                            str(rep.get("train_seconds", "?")), str(rep.get("stopped_by_time_limit_at_step") or "no")])
@@ -520,7 +814,7 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
                "training batches):", "", "![training curves](training_curves.png)", ""]
     if info.get("train_commands"):
         md += ["Equivalent `qadapter train` commands:", ""]
-        md += [f"    {info['train_commands'][m]}" for m in comparison.methods if m in info["train_commands"]] + [""]
+        md += [f"    {info['train_commands'][m]}" for m in specs if m in info["train_commands"]] + [""]
     if info.get("training_settings"):
         md += ["Training settings (every method): " + ", ".join(
             f"`{k.removeprefix('job.')}={v}`" for k, v in info["training_settings"].items()) + ".", ""]
@@ -607,6 +901,112 @@ def _plot(path: Path, trade: dict[str, dict], comparison: Comparison) -> None:
     fig.savefig(path, dpi=120)
 
 
+#: the frontier's axes: retention (x) and preference (y), each drawn where it was measured
+FRONTIER_X = ("kl", "arc_easy")
+FRONTIER_Y = ("margin_acc", "pref_acc", "win_rate")
+
+
+def _frontier_points(comparison: Comparison) -> list[dict[str, Any]]:
+    """Point records (name, curve, setting), base first; hand-made comparisons without
+    ``info["points"]``: each method its own curve."""
+    records = list(comparison.info.get("points") or [])
+    if not records:
+        records = [{"name": p, "curve": p, "setting": "", "method": p} for p in comparison.policies]
+    return records
+
+
+def _frontier_axes(comparison: Comparison, columns: Sequence[Column]):
+    by_key = {c.key: c for c in columns}
+    measured = lambda c: any(_metric(comparison.results.get(p, {}), c) for p in comparison.policies)  # noqa: E731
+    xs = [BENCHMARKS[k] for k in FRONTIER_X if k in comparison.benchmarks and measured(BENCHMARKS[k])]
+    ys = [by_key[k] for k in FRONTIER_Y if k in by_key and measured(by_key[k])]
+    return xs, ys
+
+
+def _frontier_section(comparison: Comparison, columns: Sequence[Column]) -> list[str]:
+    xs, ys = _frontier_axes(comparison, columns)
+    head = ["point", "method", "setting"] + [c.label for c in xs + ys]
+    rows = []
+    for r in _frontier_points(comparison):
+        res = comparison.results.get(r["name"], {})
+        rows.append([f"**{r['name']}**" if r["name"] == "base" else r["name"], r.get("method", ""),
+                     r.get("setting") or "—"] + [_cell(_metric(res, c), with_n=True) for c in xs + ys])
+    strengths = comparison.info.get("strengths")
+    return ["## Frontier", "",
+            "Every evaluated policy is a point: retention on x (KL(π‖π1) from the base on general prompts, lower "
+            "is closer to the base; ARC-Easy accuracy), preference on y (held-out margin accuracy and preference "
+            "accuracy" + (", the judged win rate against the base" if any(c.key == "win_rate" for c in ys) else "")
+            + "). " + (f"A Q-Adapter is ONE trained adapter decoded at strengths {', '.join(f'{x:g}' for x in strengths)} "
+                       "(π̃ ∝ π1·exp(s·(zθ − z1)); s = 1 is the trained policy), joined as one curve; " if strengths else "")
+            + "each baseline's trained settings (DPO's β, the training budgets, sft_kl's weight) are joined as one "
+              "curve per method; the base is the black star. Each cell: value [bootstrap 95% interval] (n = items).",
+            "", _table(head, rows), "", "![frontier](frontier.png)", ""]
+
+
+def _plot_frontier(path: Path, comparison: Comparison, columns: Sequence[Column]) -> Path | None:
+    """``frontier.png``: one panel per (retention x, preference y) pair; every curve of
+    :func:`_frontier_points`, each point with both intervals, the base as a star. None when no
+    retention axis (KL, ARC-Easy) was measured."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    xs, ys = _frontier_axes(comparison, columns)
+    if not xs or not ys:
+        return None
+    records = _frontier_points(comparison)
+    curves: dict[str, list[dict]] = {}
+    for r in records:
+        if r["name"] != "base":
+            curves.setdefault(r["curve"], []).append(r)
+    fig = Figure(figsize=(5.4 * len(xs), 4.3 * len(ys)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(ys), len(xs), squeeze=False)
+    for row, ycol in enumerate(ys):
+        for col, xcol in enumerate(xs):
+            ax = axes[row][col]
+            for i, (curve, members) in enumerate(curves.items()):
+                pts = []
+                for r in members:
+                    res = comparison.results.get(r["name"], {})
+                    x, y = _metric(res, xcol), _metric(res, ycol)
+                    if x and y:
+                        pts.append((r, x, y))
+                if not pts:
+                    continue
+                color = f"C{i % 10}"
+                ax.plot([x["value"] for _, x, _ in pts], [y["value"] for *_, y in pts], "-", color=color, lw=1.2,
+                        alpha=0.8, marker="o" if curve.startswith("qadapter") else "s", markersize=5,
+                        label=curve + (f" ({len(pts)} points)" if len(pts) > 1 else ""))
+                for r, x, y in pts:
+                    ax.errorbar([x["value"]], [y["value"]],
+                                xerr=[[max(0.0, x["value"] - x["ci_low"])], [max(0.0, x["ci_high"] - x["value"])]],
+                                yerr=[[max(0.0, y["value"] - y["ci_low"])], [max(0.0, y["ci_high"] - y["value"])]],
+                                fmt="none", ecolor=color, alpha=0.35, capsize=2, lw=0.8)
+                    short = (r.get("setting") or "").replace("strength=", "s=")
+                    if short:
+                        ax.annotate(short, (x["value"], y["value"]), textcoords="offset points", xytext=(4, 4),
+                                    fontsize=7, color=color)
+            bx, by = _metric(comparison.results.get("base", {}), xcol), _metric(comparison.results.get("base", {}), ycol)
+            if bx and by:
+                ax.errorbar([bx["value"]], [by["value"]],
+                            xerr=[[max(0.0, bx["value"] - bx["ci_low"])], [max(0.0, bx["ci_high"] - bx["value"])]],
+                            yerr=[[max(0.0, by["value"] - by["ci_low"])], [max(0.0, by["ci_high"] - by["value"])]],
+                            fmt="*", color="black", markersize=12, capsize=3, zorder=5, label="base")
+            n_x = {(_metric(comparison.results.get(p, {}), xcol) or {}).get("n") for p in comparison.policies} - {None}
+            n_y = {(_metric(comparison.results.get(p, {}), ycol) or {}).get("n") for p in comparison.policies} - {None}
+            ax.set_xlabel(("KL(π‖π1) from the base, nats/token (← closer to the base)" if xcol.key == "kl"
+                           else f"{xcol.label} accuracy (→ more retained)")
+                          + (f", n={n_x.pop()}" if len(n_x) == 1 else ""))
+            ax.set_ylabel(f"held-out {ycol.label}" + (f", n={n_y.pop()}" if len(n_y) == 1 else ""))
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Frontier: preference (y) against retention (x); bars: bootstrap 95% intervals", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 # --------------------------------------------------------------------------- the comparison
 def _training_fingerprint(job, config) -> dict[str, Any]:
     fp = {f"job.{k}": _jsonable(getattr(job, k, None)) for k in TRAINING_JOB_FIELDS}
@@ -614,9 +1014,13 @@ def _training_fingerprint(job, config) -> dict[str, Any]:
     return fp
 
 
-def _train_command(train_argv: Sequence[str], method: str, folder: Path) -> str:
-    """The ``qadapter train`` command line that trains ``method`` exactly as the comparison did."""
-    return shlex.join(["qadapter", "train", *train_argv, "--method", method, "--output_dir", str(folder),
+def _train_command(train_argv: Sequence[str], spec: "MethodSpec | str", folder: Path) -> str:
+    """The ``qadapter train`` command line that trains ``spec`` exactly as the comparison did."""
+    spec = parse_method_spec(spec)
+    own = []
+    for k, v in spec.params:
+        own += [f"--{METHOD_REGISTRY[spec.method][k].field}", _number_text(v)]
+    return shlex.join(["qadapter", "train", *train_argv, "--method", spec.method, *own, "--output_dir", str(folder),
                        "--save_split", "true"])
 
 
@@ -625,7 +1029,8 @@ def _method_done(folder: Path) -> bool:
             and (folder / "split" / "held_out.jsonl").is_file())
 
 
-def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Sequence[str] = METHODS,
+def run_comparison(output_dir: str | Path, job=None, config=None, *,
+                   methods: Sequence["str | MethodSpec"] = METHODS, strengths: Sequence[float] | None = None,
                    benchmarks: Sequence[str] = tuple(BENCHMARKS), limits: str | int | dict | None = None,
                    judge=None, train_judge: bool = False, judge_steps: int = 100, judge_learning_rate: float = 5e-5,
                    judge_batch_size: int = 8, bbh_tasks: Sequence[str] | None = None, max_new_tokens: int = 128,
@@ -642,7 +1047,14 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
             shared by every method (``job.method`` and ``config.output_dir`` are set per method; LoRA
             rank, target modules, seed and split are therefore the same). None: ``qadapter train``'s
             defaults (the ``default`` preset on the embedded model and data).
-        methods: any of ``qadapter``, ``sft``, ``replay``, ``dpo``.
+        methods: method specs (:func:`parse_method_spec`): a method of :data:`METHOD_REGISTRY`
+            (``qadapter``, ``sft``, ``replay``, ``dpo``, ``sft_kl``), optionally with settings of its
+            own (``dpo:beta=0.3``, ``sft:max_steps=20``, ``sft_kl:kl_weight=1``); each is trained once
+            into ``OUT/<method>[_<name>=<value>...]/``.
+        strengths: decode-time strengths of every (residual) Q-Adapter spec: each is a policy
+            ``qadapter@s`` of the ONE trained adapter (no retraining); preferences, KL and ARC
+            score all strengths from the same forwards, the generated ones decode at each. None: the
+            Q-Adapter at its trained setting only (policy ``qadapter``).
         benchmarks: retention evaluations among :data:`BENCHMARKS` (``kl``: KL from the base model).
             Held-out preference accuracy and margins are always measured.
         limits: subsample sizes (see :func:`parse_limits`; default :data:`DEFAULT_LIMITS`).
@@ -670,10 +1082,20 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
         config = config or default_config
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be distinct names among {', '.join(METHODS)}; got {methods}")
+    specs = [parse_method_spec(m) for m in methods]
+    if not specs:
+        raise ValueError(f"no method to compare; give method specs among {', '.join(METHOD_REGISTRY)}")
+    names = [sp.name for sp in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method specs must be distinct; got {', '.join(names)}")
+    if strengths is not None:
+        strengths = [float(x) for x in strengths]
+        bad = [x for x in strengths if not (x > 0 and math.isfinite(x))]
+        if bad or not strengths or len(set(strengths)) != len(strengths):
+            raise ValueError(f"strengths must be distinct finite numbers > 0; got {strengths}")
+        if not any(sp.method == "qadapter" for sp in specs):
+            raise ValueError("strengths apply to a Q-Adapter: add a qadapter spec to the methods")
+    points = policy_points(specs, strengths)
     unknown = sorted(set(benchmarks) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose among {', '.join(BENCHMARKS)}")
@@ -689,9 +1111,12 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
     fingerprint = _training_fingerprint(job, config)
     manifest_path = out / "comparison.json"
     manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
-    if manifest.get("training") and manifest["training"] != fingerprint:
+    # settings added to the fingerprint after a folder was made (absent there) do not count as changed
+    differs = {k: v for k, v in fingerprint.items()
+               if k in manifest.get("training", {}) and manifest["training"][k] != v}
+    if manifest.get("training") and differs:
         changed = ", ".join(f"{k.removeprefix('job.')}: {manifest['training'].get(k)!r} -> {v!r}"
-                            for k, v in fingerprint.items() if manifest["training"].get(k) != v)
+                            for k, v in differs.items())
         raise ValueError(f"{out} holds a comparison trained with other settings ({changed}); use another output "
                          "folder, or delete it")
     commands = list(manifest.get("commands", []))
@@ -704,18 +1129,24 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
     trained: list[str] = []
     reports: dict[str, dict] = {}
     train_commands: dict[str, str] = {}
-    for method in tqdm(methods, desc="training methods", disable=not progress):
-        folder = out / method
+    for spec in tqdm(specs, desc="training methods", disable=not progress):
+        method = spec.name
+        folder = out / spec.folder
+        spec_record = {"spec": spec.name, "method": spec.method, "params": dict(spec.params)}
         if train_argv is not None:
-            train_commands[method] = _train_command(train_argv, method, folder)
+            train_commands[method] = _train_command(train_argv, spec, folder)
         if _method_done(folder):
+            recorded = _read_json(folder / "spec.json") if (folder / "spec.json").is_file() else None
+            if recorded is not None and recorded != spec_record:
+                raise ValueError(f"{folder} was trained as {recorded.get('spec')!r}, not {spec.name!r}: use another "
+                                 "output folder, or delete that one")
             reports[method] = _read_json(folder / "adapter" / "report.json")
             log(f"{method}: trained already ({folder / 'adapter'}), reusing it")
             continue
         # the comparison measures every policy itself (section 3), so training measures nothing
-        m_job = dataclasses.replace(job, method=method, save_split=True, train_eval_pairs=0, measure_held_out=False,
+        m_job, m_config = spec.apply(job, config)
+        m_job = dataclasses.replace(m_job, save_split=True, train_eval_pairs=0, measure_held_out=False,
                                     show_examples=0)
-        m_config = copy.deepcopy(config)
         m_config.output_dir = str(folder)
         if m_config.resume_from_checkpoint is None:
             from transformers.trainer_utils import get_last_checkpoint
@@ -726,19 +1157,22 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
                 m_config.resume_from_checkpoint = last
         log(f"{method}: training into {folder}")
         reports[method] = run_training(m_job, m_config, log=log)
+        _write_json(folder / "spec.json", spec_record)
         trained.append(method)
         _free_memory()
-    for method, rep in reports.items():
-        if rep.get("model") != job.model or rep.get("seed") != config.seed or rep.get("method") != method:
-            raise ValueError(f"{out / method} was trained as method {rep.get('method')!r} on {rep.get('model')!r} "
-                             f"with seed {rep.get('seed')}; this comparison asks for {method!r} on {job.model!r} with "
-                             f"seed {config.seed}: use another output folder, or delete that one")
-    hashes = {m: _sha256_files([out / m / "split" / "train.jsonl", out / m / "split" / "held_out.jsonl"]) for m in methods}
+    for spec in specs:
+        rep = reports[spec.name]
+        if rep.get("model") != job.model or rep.get("seed") != config.seed or rep.get("method") != spec.method:
+            raise ValueError(f"{out / spec.folder} was trained as method {rep.get('method')!r} on {rep.get('model')!r} "
+                             f"with seed {rep.get('seed')}; this comparison asks for {spec.method!r} on {job.model!r} "
+                             f"with seed {config.seed}: use another output folder, or delete that one")
+    hashes = {sp.name: _sha256_files([out / sp.folder / "split" / "train.jsonl", out / sp.folder / "split" / "held_out.jsonl"])
+              for sp in specs}
     if len(set(hashes.values())) != 1:
         raise RuntimeError(f"the methods were trained on different splits ({hashes}); delete {out} and rerun")
-    split_dir = out / methods[0] / "split"
+    split_dir = out / specs[0].folder / "split"
     train_pairs, held_out = _read_jsonl(split_dir / "train.jsonl"), _read_jsonl(split_dir / "held_out.jsonl")
-    split_info = _read_json(split_dir / "split.json") if (split_dir / "split.json").is_file() else reports[methods[0]]["split"]
+    split_info = _read_json(split_dir / "split.json") if (split_dir / "split.json").is_file() else reports[specs[0].name]["split"]
     held_out_hash = _sha256_files([split_dir / "held_out.jsonl"])
 
     # ---- 2. the judge
@@ -857,67 +1291,129 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *, methods: Se
                             **common)
         raise ValueError(evaluation)
 
-    for policy_name in ["base"] + methods:
-        folder = out / "eval" / policy_name
-        if policy_name == "base":
-            policy_fp = f"model:{job.model}"
+    # the points of one trained folder share one loaded model: a Q-Adapter's strengths are decoded
+    # from the same weights (its settings' α's set per point), and scored from the same forwards
+    groups: list[tuple[MethodSpec | None, list[PolicyPoint]]] = []
+    for point in points:
+        if groups and point.spec is not None and groups[-1][0] == point.spec:
+            groups[-1][1].append(point)
         else:
-            policy_fp = _adapter_fingerprint(out / policy_name / "adapter")
-        extra_keys = {}
-        if "kl" in evaluations and policy_name != "base":
-            extra_keys["kl"] = {"base_answers": results["base"]["kl"]["config"].get("answers_hash")}
-        results[policy_name] = {}
-        todo = []
-        for evaluation in evaluations:
-            k = key_for(policy_name, policy_fp, evaluation, extra_keys.get(evaluation))
-            if evaluation == "win_rate":
-                k["judge"] = judge_key
-                if policy_name != "base":
-                    k["base_answers"] = results["base"]["win_rate"]["config"].get("answers_hash")
-            path = folder / f"{evaluation}.json"
-            cached = _read_json(path) if path.is_file() else None
-            if cached and cached.get("key") == k:
-                results[policy_name][evaluation] = cached["result"]
+            groups.append((point.spec, [point]))
+    for spec, group in groups:
+        policy_fp = f"model:{job.model}" if spec is None else _adapter_fingerprint(out / spec.folder / "adapter")
+        todos: dict[str, list] = {}
+        for point in group:
+            policy_name = point.name
+            folder = out / "eval" / point.folder
+            extra_keys: dict[str, dict] = {}
+            if "kl" in evaluations and policy_name != "base":
+                extra_keys["kl"] = {"base_answers": results["base"]["kl"]["config"].get("answers_hash")}
+            results[policy_name] = {}
+            todo = []
+            for evaluation in evaluations:
+                k = key_for(policy_name, policy_fp, evaluation, extra_keys.get(evaluation))
+                if point.strength is not None:
+                    k["strength"] = point.strength
+                if evaluation == "win_rate":
+                    k["judge"] = judge_key
+                    if policy_name != "base":
+                        k["base_answers"] = results["base"]["win_rate"]["config"].get("answers_hash")
+                path = folder / f"{evaluation}.json"
+                cached = _read_json(path) if path.is_file() else None
+                if cached and cached.get("key") == k:
+                    results[policy_name][evaluation] = cached["result"]
+                else:
+                    todo.append((evaluation, k, path, cached))
+            if todo:
+                todos[policy_name] = todo
             else:
-                todo.append((evaluation, k, path, cached))
-        if not todo:
-            log(f"{policy_name}: every evaluation cached in {folder}")
+                log(f"{policy_name}: every evaluation cached in {folder}")
+        if not todos:
             continue
-        log(f"{policy_name}: evaluating {', '.join(e for e, *_ in todo)}")
-        if policy_name == "base":
+        if spec is None:
             policy = load_policy(job.model, device=device, dtype=dtype)
             base = policy
         else:
-            policy = load_policy(out / policy_name / "adapter", base_model=job.model, device=device, dtype=dtype)
+            policy = load_policy(out / spec.folder / "adapter", base_model=job.model, device=device, dtype=dtype)
             base = base_policy(policy)
-        for evaluation, k, path, cached in tqdm(todo, desc=f"evaluating {policy_name}", disable=not progress):
-            reuse = None
-            if evaluation == "win_rate" and cached:
-                # only the judge changed: the policy's answers are still valid, only the verdicts are redone
-                old = cached.get("key", {})
-                if {a: b for a, b in old.items() if a != "judge"} == {a: b for a, b in k.items() if a != "judge"}:
-                    reuse = cached["result"]["extra"].get("policy_answers") or None
-            result = run_one(evaluation, policy, base, policy_name, reuse).to_dict(samples=True)
-            if evaluation == "kl" and policy_name == "base":
-                result["config"]["answers_hash"] = hashlib.sha256(
-                    json.dumps(result["extra"]["responses"]).encode()).hexdigest()[:16]
-            if evaluation == "win_rate" and policy_name == "base":
-                result["config"]["answers_hash"] = hashlib.sha256(
-                    json.dumps(result["extra"]["base_answers"]).encode()).hexdigest()[:16]
-            _write_json(path, {"key": k, "result": result})
-            results[policy_name][evaluation] = result
-            computed.append((policy_name, evaluation))
+        saved_alphas = (policy.settings.alpha_0, policy.settings.alpha_tilde) if hasattr(policy, "settings") else None
+        alphas: dict[str, tuple[float, float]] = {}
+        for point in group:
+            if point.strength is not None:
+                try:
+                    alphas[point.name] = policy.settings.decoding_alphas(strength=point.strength)
+                except (AttributeError, ValueError) as e:
+                    raise ValueError(f"{spec.name} at strength {point.strength:g}: {e}") from None
+        # the scorer-based evaluations of every strength still to do: one scorer call for them all
+        precomputed: dict[tuple[str, str], dict] = {}
+        for evaluation in ("preferences", "kl", "arc_easy", "arc_challenge"):
+            wanted = [pt for pt in group if pt.strength is not None and evaluation in
+                      {e for e, *_ in todos.get(pt.name, [])}]
+            if len(wanted) < 2:
+                continue
+            log(f"{spec.name}: {evaluation} at strengths {', '.join(f'{pt.strength:g}' for pt in wanted)} "
+                "from the same forwards")
+            if evaluation == "preferences":
+                by_strength = _preferences_at_strengths(policy, held_out, [pt.strength for pt in wanted],
+                                                        limit=limits.get("preferences"), seed=eval_seed,
+                                                        batch_size=eval_batch_size, progress=progress)
+            elif evaluation in ("arc_easy", "arc_challenge"):
+                by_strength = _arc_at_strengths(policy, evaluation[4:], [pt.strength for pt in wanted],
+                                                limit=limits.get(evaluation), seed=eval_seed,
+                                                batch_size=eval_batch_size, data_dir=data_dir, progress=progress)
+            else:
+                ref = results["base"]["kl"]["extra"]
+                by_strength = _kl_at_strengths(policy, [pt.strength for pt in wanted], prompts=ref["prompts"],
+                                               responses=ref["responses"], max_new_tokens=max_new_tokens,
+                                               seed=eval_seed, batch_size=eval_batch_size, progress=progress)
+            for pt in wanted:
+                precomputed[(pt.name, evaluation)] = by_strength[pt.strength].to_dict(samples=True)
+        try:
+            for point in group:
+                policy_name = point.name
+                if policy_name not in todos:
+                    continue
+                if policy_name in alphas:
+                    policy.settings.alpha_0, policy.settings.alpha_tilde = alphas[policy_name]
+                elif saved_alphas is not None:
+                    policy.settings.alpha_0, policy.settings.alpha_tilde = saved_alphas
+                log(f"{policy_name}: evaluating {', '.join(e for e, *_ in todos[policy_name])}")
+                for evaluation, k, path, cached in tqdm(todos[policy_name], desc=f"evaluating {policy_name}",
+                                                        disable=not progress):
+                    reuse = None
+                    if evaluation == "win_rate" and cached:
+                        # only the judge changed: the policy's answers are still valid, only the verdicts are redone
+                        old = cached.get("key", {})
+                        if {a: b for a, b in old.items() if a != "judge"} == {a: b for a, b in k.items() if a != "judge"}:
+                            reuse = cached["result"]["extra"].get("policy_answers") or None
+                    result = precomputed.get((policy_name, evaluation))
+                    if result is None:
+                        result = run_one(evaluation, policy, base, policy_name, reuse).to_dict(samples=True)
+                    if evaluation == "kl" and policy_name == "base":
+                        result["config"]["answers_hash"] = hashlib.sha256(
+                            json.dumps(result["extra"]["responses"]).encode()).hexdigest()[:16]
+                    if evaluation == "win_rate" and policy_name == "base":
+                        result["config"]["answers_hash"] = hashlib.sha256(
+                            json.dumps(result["extra"]["base_answers"]).encode()).hexdigest()[:16]
+                    _write_json(path, {"key": k, "result": result})
+                    results[policy_name][evaluation] = result
+                    computed.append((policy_name, evaluation))
+        finally:
+            if saved_alphas is not None:
+                policy.settings.alpha_0, policy.settings.alpha_tilde = saved_alphas
         del policy, base
         _free_memory()
 
     # ---- 4. write the tables and the plot
     lora = (f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
             f"target modules {config.lora_target_modules}")
-    info = {"model": job.model, "data": reports[methods[0]].get("data", job.data), "split": split_info,
+    info = {"model": job.model, "data": reports[specs[0].name].get("data", job.data), "split": split_info,
             "train_seed": config.seed, "eval_seed": eval_seed, "lora": lora, "commands": commands,
             "train_commands": train_commands, "training_settings": fingerprint, "reports": reports,
-            "judge": judge_info, "limits": limits, "bbh_tasks": bbh_tasks, "max_new_tokens": max_new_tokens}
-    comparison = Comparison(out, methods, benchmarks, results, info, trained, computed)
+            "judge": judge_info, "limits": limits, "bbh_tasks": bbh_tasks, "max_new_tokens": max_new_tokens,
+            "specs": [sp.name for sp in specs], "strengths": strengths,
+            "points": [_point_record(pt) for pt in points]}
+    comparison = Comparison(out, [pt.name for pt in points[1:]], benchmarks, results, info, trained, computed)
     comparison.paths = write_results(comparison)
     log(f"results: {comparison.paths['md']}, {comparison.paths['csv']}, {comparison.paths['png']}")
     return comparison

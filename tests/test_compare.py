@@ -273,3 +273,142 @@ def test_cli_passes_training_flags_through(tmp_path, monkeypatch, capsys):
     assert "--lora_r" in seen["train_argv"]
     # compare owns --method / --output_dir of each run
     assert cli.main(["compare", "--output-dir", str(tmp_path), "--method", "sft"]) == 2
+
+
+# --------------------------------------------------------------------------- the frontier
+def test_method_specs_parse_apply_and_name_their_errors():
+    from qadapter.commands.compare import method_specs
+    from qadapter.compare import parse_method_spec
+
+    spec = parse_method_spec("dpo:beta=0.3")
+    assert (spec.method, spec.params, spec.name, spec.folder) == ("dpo", (("beta", 0.3),), "dpo:beta=0.3", "dpo_beta=0.3")
+    assert parse_method_spec("dpo").folder == "dpo" and parse_method_spec("sft_kl:kl_weight=1").params == (("kl_weight", 1.0),)
+    job, config = JobArguments(), QAdapterConfig(output_dir="x", max_steps=5, report_to=[])
+    j2, c2 = parse_method_spec("sft:max_steps=20,learning_rate=1e-4").apply(job, config)
+    assert (j2.method, c2.max_steps, c2.learning_rate, config.max_steps) == ("sft", 20, 1e-4, 5)
+    assert parse_method_spec("dpo:beta=1").apply(job, config)[0].dpo_beta == 1.0
+    assert parse_method_spec("sft_kl:kl_weight=2").apply(job, config)[0].kl_weight == 2.0
+    for bad, words in [("dpo:bta=1", ["'dpo:bta=1'", "no setting 'bta'", "beta"]),
+                       ("ppo:beta=1", ["'ppo:beta=1'", "unknown method 'ppo'", "sft_kl"]),
+                       ("sft:max_steps=many", ["'sft:max_steps=many'", "not a int"]),
+                       ("dpo:beta", ["'dpo:beta'", "NAME=VALUE"]), ("dpo:beta=-1", ["must be > 0"])]:
+        with pytest.raises(ValueError) as e:
+            parse_method_spec(bad)
+        assert all(w in str(e.value) for w in words), str(e.value)
+    assert method_specs(["qadapter,sft", "dpo:beta=0.1,max_steps=20", "dpo:beta=1"]) == [
+        "qadapter", "sft", "dpo:beta=0.1,max_steps=20", "dpo:beta=1"]
+
+
+def test_cli_frontier_flags_and_bad_spec(tmp_path, monkeypatch, capsys):
+    from qadapter import cli
+
+    seen = {}
+
+    def fake(output_dir, job, config, **kw):
+        seen.update(kw)
+        (tmp_path / "results.md").write_text("# fake\n")
+        return Comparison(tmp_path, [], [], {}, paths={"md": tmp_path / "results.md"})
+
+    monkeypatch.setattr("qadapter.compare.run_comparison", fake)
+    assert cli.main(["compare", "--output-dir", str(tmp_path), "--methods", "qadapter", "dpo:beta=0.1", "dpo:beta=1",
+                     "sft:max_steps=20", "sft_kl:kl_weight=1", "--strengths", "0.25,0.5,1,2,4", "--max_steps", "3"]) == 0
+    assert seen["methods"] == ["qadapter", "dpo:beta=0.1", "dpo:beta=1", "sft:max_steps=20", "sft_kl:kl_weight=1"]
+    assert seen["strengths"] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert "--methods qadapter dpo:beta=0.1" in seen["command"] and "--strengths 0.25,0.5,1,2,4" in seen["command"]
+    capsys.readouterr()
+    assert cli.main(["compare", "--output-dir", str(tmp_path), "--methods", "qadapter", "dpo:bta=1"]) == 2
+    assert "dpo:bta=1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'knn'"):
+        run_comparison(tmp_path / "never", *job_and_config(tmp_path), methods=["qadapter", "knn"])
+
+
+def test_frontier_trains_each_spec_once_and_evaluates_every_strength_of_one_adapter(setup, monkeypatch):
+    from qadapter.evaluation import ConstantJudge, base_policy, evaluate_arc, evaluate_preferences, kl_from_base
+
+    out = setup / "frontier"
+    job, config = job_and_config(setup)
+    specs = ["qadapter", "dpo:beta=0.1", "dpo:beta=1", "sft:max_steps=1", "sft:max_steps=3", "sft_kl:kl_weight=0.5"]
+    strengths = [0.25, 0.5, 1, 2, 4]
+    loads, decoded = [], []
+    real_load = __import__("qadapter.evaluation", fromlist=["load_policy"]).load_policy
+
+    def counting_load(path, **kw):
+        loads.append(str(path))
+        return real_load(path, **kw)
+
+    import qadapter.generation as generation
+    real_generate = generation.generate
+
+    def spying_generate(model, tokenizer, prompts, **kw):
+        decoded.append((kw.get("alpha_0"), kw.get("alpha_tilde")))
+        return real_generate(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr("qadapter.evaluation.load_policy", counting_load)
+    monkeypatch.setattr(generation, "generate", spying_generate)
+    kw = comparison_kwargs(setup, methods=specs, strengths=strengths, benchmarks=["arc_easy", "kl"], train_judge=False,
+                           judge=ConstantJudge(0.7), limits={"arc_easy": 2, "kl": 3, "preferences": 4, "win_rate": 2},
+                           train_argv=[])
+    first = run_comparison(out, job, config, **kw)
+    assert first.trained == specs  # each spec once; the strengths retrain nothing
+    points = ["base"] + [f"qadapter@{s:g}" for s in strengths] + specs[1:]
+    assert first.policies == points
+    evaluations = ["arc_easy", "kl", "preferences", "win_rate"]
+    assert sorted(first.computed) == sorted((p, e) for p in points for e in evaluations)
+    assert sum("qadapter" in p for p in loads) == 1  # the one adapter, loaded once for its five strengths
+    for folder in ("qadapter", "dpo_beta=0.1", "dpo_beta=1", "sft_max_steps=1", "sft_max_steps=3",
+                   "sft_kl_kl_weight=0.5"):
+        assert (out / folder / "adapter" / "report.json").is_file()
+    assert json.loads((out / "sft_max_steps=3" / "adapter" / "report.json").read_text())["steps"] == 3
+    assert json.loads((out / "sft_max_steps=1" / "adapter" / "report.json").read_text())["steps"] == 1
+    assert json.loads((out / "dpo_beta=1" / "spec.json").read_text())["params"] == {"beta": 1.0}
+
+    # every strength is its own policy: different numbers, decoded at its own α's
+    margins = [first.results[f"qadapter@{s:g}"]["preferences"]["metrics"]["mean_margin"]["value"] for s in strengths]
+    assert len(set(np.round(margins, 9))) == len(strengths)
+    kls = [first.results[f"qadapter@{s:g}"]["kl"]["metrics"]["kl"]["value"] for s in strengths]
+    assert kls == sorted(kls) and kls[0] < kls[-1]  # farther from the base as the strength grows
+    qa = real_load(out / "qadapter" / "adapter", base_model=job.model)
+    assert {qa.settings.decoding_alphas(strength=s) for s in strengths} <= set(decoded)
+    # the one-forward scoring of all strengths equals the evaluators at each strength
+    ref = first.results["base"]["kl"]["extra"]
+    held_out = [json.loads(line) for line in (out / "qadapter" / "split" / "held_out.jsonl").open()]
+    for s in (0.25, 4):
+        qa.settings.alpha_0, qa.settings.alpha_tilde = qa.settings.decoding_alphas(strength=s)
+        pref = evaluate_preferences(qa, base_policy(qa), held_out, limit=4, seed=0, batch_size=4, progress=False)
+        got = first.results[f"qadapter@{s:g}"]["preferences"]
+        assert [x["margin"] for x in got["samples"]] == pytest.approx([x["margin"] for x in pref.samples], abs=1e-6)
+        assert got["metrics"]["likelihood_accuracy"]["value"] == pref.metrics["likelihood_accuracy"].value
+        kl = kl_from_base(qa, base_policy(qa), prompts=ref["prompts"], responses=ref["responses"], batch_size=4,
+                          progress=False)
+        assert first.results[f"qadapter@{s:g}"]["kl"]["metrics"]["kl"]["value"] == pytest.approx(kl.score, abs=1e-6)
+        arc = evaluate_arc(qa, subset="easy", limit=2, seed=0, batch_size=4, data_dir=setup / "bench", progress=False)
+        got = first.results[f"qadapter@{s:g}"]["arc_easy"]
+        assert [x["loglikelihoods"] for x in got["samples"]] == [
+            pytest.approx(x["loglikelihoods"], abs=1e-5) for x in arc.samples]
+        assert [x["pred"] for x in got["samples"]] == [x["pred"] for x in arc.samples]
+
+    # one frontier plot, one table row per point with its n and intervals
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "frontier.png").stat().st_size > 20_000
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["policy"] for r in rows] == points
+    by = {r["policy"]: r for r in rows}
+    assert by["qadapter@0.5"]["setting"] == "strength=0.5" and by["dpo:beta=1"]["setting"] == "β=1"
+    assert by["sft_kl:kl_weight=0.5"]["method"] == "sft_kl"
+    for r in rows:
+        for col, n in (("kl", 3), ("arc_easy", 2), ("margin_acc", 4), ("pref_acc", 4), ("win_rate", 2)):
+            assert float(r[f"{col}_ci_low"]) <= float(r[col]) <= float(r[f"{col}_ci_high"]) and int(r[f"{col}_n"]) == n
+    md = (out / "results.md").read_text()
+    assert "## Frontier" in md and "![frontier](frontier.png)" in md
+    for p in points[1:]:
+        assert f"| {p} |" in md
+    assert "qadapter train --method dpo --dpo_beta 1 --output_dir" in md  # how to train that point alone
+    assert "--method sft_kl --kl_weight 0.5" in md and "--method sft --max_steps 3" in md
+
+    # a rerun trains nothing and evaluates nothing; one more strength evaluates only that point
+    monkeypatch.setattr("qadapter.pipeline.run_training", lambda *a, **k: pytest.fail("must not train again"))
+    again = run_comparison(out, job, config, **kw)
+    assert again.trained == [] and again.computed == []
+    more = run_comparison(out, job, config, **{**kw, "strengths": strengths + [8]})
+    assert sorted(more.computed) == sorted(("qadapter@8", e) for e in evaluations)

@@ -4,6 +4,9 @@ sides of the trade-off (retention and preference) for the base model and every m
     qadapter compare --data pairs.jsonl --model M --methods qadapter,sft,replay,dpo --output-dir results/x \\
         [--preset default] [any qadapter train flag] [--eval-limit N] [--benchmarks mmlu0,arc_easy,kl] \\
         [--judge PATH_TO_REWARD_MODEL | --train-judge]
+    # a frontier: one Q-Adapter at 5 decode-time strengths, DPO at 3 betas, two budgets, two KL weights
+    qadapter compare ... --strengths 0.25,0.5,1,2,4 --methods qadapter dpo:beta=0.1 dpo:beta=0.3 dpo:beta=1 \
+        sft:max_steps=20 sft:max_steps=80 replay:max_steps=20 replay:max_steps=80 sft_kl:kl_weight=0.1 sft_kl:kl_weight=1
 
 Flags this command does not know are ``qadapter train`` flags (``--learning_rate``, ``--max_steps``,
 ``--lora_r``, ``--seed``, ``--config FILE.yaml`` ...): they are parsed by ``qadapter train``'s own
@@ -16,7 +19,8 @@ import argparse
 import shlex
 import sys
 
-HELP = "train Q-Adapter and the SFT / Replay / DPO baselines on one dataset and compare retention and preference"
+HELP = ("train Q-Adapter and the SFT / Replay / DPO / SFT+KL baselines on one dataset and compare retention and "
+        "preference: one point per method, or a frontier (Q-Adapter strengths, DPO betas, budgets)")
 
 
 class _TrainFlagsParser(argparse.ArgumentParser):
@@ -33,8 +37,28 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def method_specs(words: list[str]) -> list[str]:
+    """``--methods`` words, space- and/or comma-separated (``qadapter,sft dpo:beta=0.1``); a comma
+    piece ``name=value`` without ``:`` continues the spec before it (``dpo:beta=0.1,max_steps=20``)."""
+    specs: list[str] = []
+    for word in words:
+        for piece in _csv_list(word):
+            if "=" in piece and ":" not in piece and specs and ":" in specs[-1]:
+                specs[-1] += "," + piece
+            else:
+                specs.append(piece)
+    return specs
+
+
+def _strengths(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--strengths takes numbers separated by commas, got {text!r}") from None
+
+
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..compare import BENCHMARKS, DEFAULT_LIMITS, METHODS
+    from ..compare import BENCHMARKS, DEFAULT_LIMITS, METHOD_REGISTRY, METHODS
 
     parser.__class__ = _TrainFlagsParser
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
@@ -43,8 +67,16 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="FILE", help="preference pairs (default: the embedded HH-RLHF harmless pairs)")
     parser.add_argument("--model", default=None, metavar="M", help="base model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--preset", default=None, help="qadapter train preset (default, long, paper)")
-    parser.add_argument("--methods", type=_csv_list, default=list(METHODS), metavar="LIST",
-                        help=f"comma-separated methods among {','.join(METHODS)} (default: all)")
+    settings = "; ".join(f"{m}: {', '.join(params)}" for m, params in METHOD_REGISTRY.items())
+    parser.add_argument("--methods", nargs="+", default=[",".join(METHODS)], metavar="SPEC",
+                        help=f"method specs, space- or comma-separated: a method among {','.join(METHOD_REGISTRY)}, "
+                             "optionally with its own settings, e.g. dpo:beta=0.3 sft:max_steps=20 "
+                             f"sft_kl:kl_weight=1 (settings: {settings}); each spec is trained once into its own "
+                             f"folder (default: {','.join(METHODS)})")
+    parser.add_argument("--strengths", type=_strengths, default=None, metavar="S1,S2,...",
+                        help="decode-time strengths of the (residual) Q-Adapter, e.g. 0.25,0.5,1,2,4: one trained "
+                             "adapter, one evaluated policy qadapter@S per strength (the frontier's Q-Adapter curve); "
+                             "default: the trained policy only")
     parser.add_argument("--benchmarks", type=_csv_list, default=list(BENCHMARKS), metavar="LIST",
                         help=f"retention evaluations among {','.join(BENCHMARKS)} (default: all; kl = KL from the base "
                              "model on general prompts). Held-out preference accuracy is always measured.")
@@ -85,8 +117,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _canonical_command(args, train_argv: list[str]) -> str:
-    words = ["qadapter", "compare", "--output-dir", str(args.output_dir), "--methods", ",".join(args.methods),
-             "--benchmarks", ",".join(args.benchmarks)]
+    words = ["qadapter", "compare", "--output-dir", str(args.output_dir), "--methods", *method_specs(args.methods)]
+    if args.strengths:
+        words += ["--strengths", ",".join(f"{x:g}" for x in args.strengths)]
+    words += ["--benchmarks", ",".join(args.benchmarks)]
     if args.eval_limit:
         words += ["--eval-limit", args.eval_limit]
     if args.judge:
@@ -117,8 +151,16 @@ def run(args) -> int:
         if any(a == flag or a.startswith(flag + "=") for a in args.train_flags):
             print(f"qadapter compare: {flag} is set by compare itself (use --methods / --output-dir)", file=sys.stderr)
             return 2
+    from ..compare import parse_method_spec
+
+    try:
+        methods = [parse_method_spec(m).name for m in method_specs(args.methods)]
+    except ValueError as e:
+        print(f"qadapter compare: --methods: {e}", file=sys.stderr)
+        return 2
     job, config = parse(train_argv)
-    comparison = run_comparison(args.output_dir, job, config, methods=args.methods, benchmarks=args.benchmarks,
+    comparison = run_comparison(args.output_dir, job, config, methods=methods, strengths=args.strengths,
+                                benchmarks=args.benchmarks,
                                 limits=args.eval_limit, judge=args.judge, train_judge=args.train_judge,
                                 judge_steps=args.judge_steps, judge_learning_rate=args.judge_learning_rate,
                                 judge_batch_size=args.judge_batch_size, bbh_tasks=args.bbh_tasks,
