@@ -411,13 +411,14 @@ def test_stopped_decoder_answers_503_with_retry_after(served):
 def test_cli_serve_starts_and_answers(adapters):
     cmd = [sys.executable, "-m", "qadapter.cli", "serve", "--adapter", f"tiny={adapters['tiny']}",
            "--adapter", f"full={adapters['tiny-full']}", "--port", "0", "--threads", "1", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "http://" not in line and time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()
-        assert "http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        deadline = time.monotonic() + 180
+        lines = [""]
+        while " on http://" not in lines[-1] and time.monotonic() < deadline and proc.poll() is None:
+            lines.append(proc.stdout.readline())
+        line = lines[-1]
+        assert "http://127.0.0.1:" in line, "".join(lines)
         url = line.split(" on ")[1].split("/v1")[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list()] == ["tiny-base", "tiny", "full"]
