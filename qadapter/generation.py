@@ -251,6 +251,16 @@ def _split_rows_forward(module, split: int, adapter: str):
     return forward
 
 
+@contextlib.contextmanager
+def _replaced_forward(module, forward):
+    """Within the block, ``module`` runs ``forward`` instead of its own (its module hooks still run)."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
 class split_rows:
     """Context manager: within the block, every LoRA layer in ``layers`` applies ``adapter`` to batch
     rows ``split:`` only (rows ``:split`` see the base model). Re-enterable; the per-layer forwards
@@ -289,7 +299,9 @@ def _fast_supported(model, policy: str, alpha_0: float) -> bool:
 
 
 class _Engine:
-    """Produces the next-token logits of the chosen policy, (B, V) float32.
+    """Produces the next-token logits of the chosen policy, (B, V) float32 (possibly shifted by a
+    per-row constant, which no softmax, argmax or logits processor of the loop sees: the fast
+    engine's one-projection head, :meth:`_FastEngine._mixed_head`).
 
     ``prefill(input_ids, attention_mask, total_len)`` runs the (B, P) left-padded prompts and returns
     the logits for the first new token; ``step(tokens)`` feeds the (B,) tokens just chosen and returns
@@ -360,17 +372,55 @@ class _FastEngine(_Engine):
                 self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
             else:
                 self.context = split_rows(layers, self.B, adapter)
+        self.mixed_head = self._mixed_head() if self.two and policy == "customized" else None
+
+    def _mixed_head(self):
+        """π̃'s logits straight from the hidden states, with ONE vocabulary projection for both branches.
+
+        The output embedding is linear, z = W·h + b, and eq. (1) is linear in the two branches' logits
+        up to a per-row constant: (Q̂ + α0·log π1)/α̃ = (a·zθ + c·z1)/α̃ − α0·logsumexp(z1)/α̃ with
+        (a, c) = (1, α0) for a full Q̂ and (q_scale, α0 − q_scale) for a residual one. So
+        W·(a·hθ + c·h1)/α̃ + (a + c)·b/α̃ are π̃'s logits shifted by a per-row constant, which changes
+        nothing the decoding loop does with them (softmax, argmax, temperature, top-k, top-p, the -inf
+        of min_new_tokens). That projects B rows instead of 2B, and no log-softmax over the base row.
+        None (compose the two branches' logits) where the head is not a plain ``nn.Linear`` without
+        hooks or logit post-processing, or where a caller replaced :meth:`compose` (it wants the raw
+        logits of both branches).
+        """
+        from .scoring import _projection_head
+
+        head = _projection_head(self.model)
+        if head is None:
+            return None
+        parameterization, q_scale = getattr(self, "parameterization", "full"), getattr(self, "q_scale", 1.0)
+        a, c = (1.0, self.alpha_0) if parameterization == "full" else (q_scale, self.alpha_0 - q_scale)
+        a, c, B = a / self.alpha_tilde, c / self.alpha_tilde, self.B
+        weight, bias = head.weight, head.bias
+        bias = None if bias is None else bias * (a + c)
+
+        def forward(hidden):  # (2B, 1, H): base rows, then adapter rows
+            mixed = torch.mul(hidden[B:].float(), a)  # a new (B, 1, H) tensor, also for a = 1
+            if c != 0.0:
+                mixed.add_(hidden[:B].float(), alpha=c)
+            return F.linear(mixed.to(weight.dtype), weight, bias)
+
+        return head, forward
 
     def _forward(self, ids, mask, positions):
         kwargs = {self.cache_kw: self.cache}
+        mixed = self.mixed_head if "compose" not in vars(self) else None
+        head = contextlib.nullcontext() if mixed is None else _replaced_forward(*mixed)
         if self.adapter_names is not None:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, adapter_names=self.adapter_names, **kwargs)
+            with head:
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, adapter_names=self.adapter_names, **kwargs)
         else:
-            with self.context:
+            with self.context, head:
                 out = self.inner(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                  logits_to_keep=1, **kwargs)
         logits = out.logits[:, -1].float()
+        if mixed is not None:  # already π̃'s logits (up to a per-row constant)
+            return logits
         if self.two:
             return self.compose(logits[self.B:], logits[:self.B])
         if self.branches == ("base",):
