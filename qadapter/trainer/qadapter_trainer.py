@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, Trainer
 from ..integrity import check_finite_weights
 from ..modeling import (CONFIG_NAME, QAdapterSettings, base_fingerprint, check_target_modules, lora_config,
                         position_ids_from_mask)
-from ..objective import (composed_logits, implied_rewards, length_normalizers, preference_loss,
+from ..objective import (composed_logits, implied_rewards, length_normalizers, preference_loss, q_values,
                          reference_compat_loss, soft_values)
 from .faults import ChecksumCheckpoints, WithRows, check_loss
 from .qadapter_config import QAdapterConfig
@@ -164,54 +164,75 @@ def _head_forward(head, fn):
 
 class _FusedQHead(torch.autograd.Function):
     """V(s) = α̃·logsumexp((Q̂(s,·) + α0·log π1(·|s))/α̃) and Q̂(s, a) for given actions, from the hidden
-    states of the adapter pass (``hidden``, with grad) and of the base pass (``base_hidden``), in
+    states of the adapter pass (``hidden`` hθ, with grad) and of the base pass (``base_hidden`` h1), in
     row chunks: at most a few (chunk, vocabulary) float32 tiles are alive, and the backward recomputes
-    the tiles instead of keeping them. Per chunk the forward uses exactly the logits path's ops
-    (linear, ``.float()``, ``log_softmax``, :func:`soft_values`, ``gather``)."""
+    the one tile it needs instead of keeping it.
+
+    The head is linear (z = W·h + b) and eq. (1) is linear in the branches' logits up to a per-state
+    constant: (Q̂ + α0·log π1)/α̃ = y − (α0/α̃)·logsumexp(z1) with y = W·m + (a + c)·b/α̃ and the mixed
+    state m = (a·hθ + c·h1)/α̃, where (a, c) = (1, α0) for a full Q̂ = zθ and (q_scale, α0 − q_scale)
+    for a residual Q̂ = q_scale·(zθ − z1). So V = α̃·logsumexp(y) − α0·logsumexp(z1): two vocabulary
+    projections per state forward (z1 and y, as before: z1 and zθ) but ONE in the backward (y: z1 is
+    constant), and no (chunk, V) log π1, Q̂ or composed tiles. Q̂(s, a) needs zθ only at the action:
+    the dot product W[a]·hθ + b[a] (and z1[a] from the base tile), through :func:`q_values`. The
+    gradient: dV/dhθ = a·softmax(y)·W, dQ̂(s, a)/dhθ = a·W[a]."""
 
     @staticmethod
-    def forward(ctx, hidden, base_hidden, weight, bias, actions, alpha_0, alpha_tilde, chunk):
+    def forward(ctx, hidden, base_hidden, weight, bias, actions, alpha_0, alpha_tilde, chunk, parameterization="full",
+                q_scale=1.0):
         n = hidden.shape[0]
+        a, c = (1.0, alpha_0) if parameterization == "full" else (q_scale, alpha_0 - q_scale)
+        mixed = torch.mul(hidden.detach().float(), a / alpha_tilde)  # m = (a·hθ + c·h1)/α̃, (n, H)
+        if c != 0.0:
+            mixed.add_(base_hidden.float(), alpha=c / alpha_tilde)
+        mixed = mixed.to(hidden.dtype)
+        mixed_bias = None if bias is None else bias * ((a + c) / alpha_tilde)
         values = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         q_taken = torch.empty(actions.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            q = F.linear(hidden[rows], weight, bias).float()
-            log_pi1 = F.log_softmax(F.linear(base_hidden[rows], weight, bias).float(), dim=-1)
-            z = composed_logits(q, log_pi1, alpha_0, alpha_tilde)
-            del log_pi1
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            values[rows] = alpha_tilde * lse[rows]
-            q_taken[rows] = q.gather(-1, actions[rows])
-            del q, z
+            base = F.linear(base_hidden[rows], weight, bias).float()
+            lse_base = torch.logsumexp(base, dim=-1)
+            base_taken = base.gather(-1, actions[rows])
+            del base
+            lse[rows] = torch.logsumexp(F.linear(mixed[rows], weight, mixed_bias).float(), dim=-1)
+            values[rows] = alpha_tilde * lse[rows] - alpha_0 * lse_base
+            # zθ at the actions only: (rows, A, H) · (rows, H)
+            taken_w = weight[actions[rows]]
+            adapter_taken = torch.einsum("rah,rh->ra", taken_w, hidden[rows].detach().to(taken_w.dtype))
+            if bias is not None:
+                adapter_taken = adapter_taken + bias[actions[rows]]
+            q_taken[rows] = q_values(adapter_taken, base_taken, parameterization, q_scale)
+            del taken_w, adapter_taken, base_taken
         device_type = hidden.device.type
         ctx.autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        ctx.save_for_backward(hidden, base_hidden, weight, bias, actions, lse)
-        ctx.alpha_0, ctx.alpha_tilde, ctx.chunk = alpha_0, alpha_tilde, chunk
+        ctx.save_for_backward(mixed, weight, mixed_bias, actions, lse)
+        ctx.chunk, ctx.scale, ctx.hidden_dtype = chunk, a, hidden.dtype
         return values, q_taken
 
     @staticmethod
     def backward(ctx, grad_values, grad_q_taken):
-        hidden, base_hidden, weight, bias, actions, lse = ctx.saved_tensors
+        mixed, weight, mixed_bias, actions, lse = ctx.saved_tensors
+        n_inputs = len(ctx.needs_input_grad)  # 8 or 10: parameterization and q_scale are optional
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        grad_hidden = torch.empty_like(hidden)
-        device_type = hidden.device.type
+            return (None,) * n_inputs
+        n = mixed.shape[0]
+        grad_hidden = torch.empty(mixed.shape, dtype=ctx.hidden_dtype, device=mixed.device)
+        device_type = mixed.device.type
         with torch.autocast(device_type, enabled=ctx.autocast is not None, **({"dtype": ctx.autocast} if ctx.autocast else {})):
-            for start in range(0, hidden.shape[0], ctx.chunk):
-                rows = slice(start, min(start + ctx.chunk, hidden.shape[0]))
-                q = F.linear(hidden[rows], weight, bias).float()
-                log_pi1 = F.log_softmax(F.linear(base_hidden[rows], weight, bias).float(), dim=-1)
-                z = composed_logits(q, log_pi1, ctx.alpha_0, ctx.alpha_tilde)
-                del q, log_pi1
-                # dV/dQ̂(s,·) = softmax(z): the α̃ of V and the 1/α̃ inside z cancel.
-                grad_q = z.sub_(lse[rows, None]).exp_().mul_(grad_values[rows, None])
+            for start in range(0, n, ctx.chunk):
+                rows = slice(start, min(start + ctx.chunk, n))
+                # dV/dy = α̃·softmax(y), dy/dhθ = (a/α̃)·W: the α̃'s cancel
+                grad_q = F.linear(mixed[rows], weight, mixed_bias).float()
+                grad_q = grad_q.sub_(lse[rows, None]).exp_().mul_(grad_values[rows, None])
                 grad_q.scatter_add_(-1, actions[rows], grad_q_taken[rows])
+                if ctx.scale != 1.0:  # dQ̂/dzθ: 1 (full) or q_scale (residual)
+                    grad_q.mul_(ctx.scale)
                 grad_hidden[rows] = (grad_q.to(weight.dtype if ctx.autocast is None else ctx.autocast)
-                                     @ weight.to(ctx.autocast or weight.dtype)).to(hidden.dtype)
-                del z, grad_q
-        return grad_hidden, None, None, None, None, None, None, None
+                                     @ weight.to(ctx.autocast or weight.dtype)).to(ctx.hidden_dtype)
+                del grad_q
+        return (grad_hidden,) + (None,) * (n_inputs - 1)
 
 
 @dataclass
