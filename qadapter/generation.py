@@ -47,7 +47,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .objective import composed_logits
+from .objective import customized_logits
 
 POLICIES = ("customized", "base", "adapter")
 
@@ -291,9 +291,15 @@ def _active_adapter(model) -> str:
     return active if isinstance(active, str) else model.active_adapters[0]
 
 
-def _fast_supported(model, policy: str, alpha_0: float) -> bool:
+def _one_branch(policy: str, alpha_0: float, parameterization: str) -> bool:
+    """Whether the policy needs only one branch: π1 alone, softmax(zθ) alone, or a full Q̂ with
+    α0 = 0 (log π1 does not enter eq. 1; a residual Q̂ always needs the base logits)."""
+    return policy != "customized" or (alpha_0 == 0.0 and parameterization == "full")
+
+
+def _fast_supported(model, policy: str, alpha_0: float, parameterization: str = "full") -> bool:
     """False only where both branches are needed and the adapter cannot share a batch (DoRA, merged)."""
-    if not _is_peft(model) or policy != "customized" or alpha_0 == 0.0:
+    if not _is_peft(model) or _one_branch(policy, alpha_0, parameterization):
         return True
     return _fast_plan(model, _active_adapter(model))[0] != "reference"
 
@@ -309,20 +315,24 @@ class _Engine:
     later token is 1 (as in transformers, finished rows keep being fed padding tokens).
     """
 
-    def __init__(self, model, policy: str, alpha_0: float, alpha_tilde: float):
+    def __init__(self, model, policy: str, alpha_0: float, alpha_tilde: float, parameterization: str = "full",
+                 q_scale: float = 1.0):
         self.model = model
         self.inner = _inner_model(model)
         self.cache_kw = _cache_kwarg(self.inner)
         self.policy, self.alpha_0, self.alpha_tilde = policy, alpha_0, alpha_tilde
+        self.parameterization, self.q_scale = parameterization, q_scale
 
     def compose(self, q: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
+        """The policy's logits from the adapter logits ``q`` and the base logits ``base``."""
         if self.policy == "base":
             return base
         if self.policy == "adapter":
             return q
-        if base is None:  # α0 = 0: log π1 does not enter eq. (1)
+        if base is None:  # full Q̂ with α0 = 0: log π1 does not enter eq. (1)
             return q if self.alpha_tilde == 1.0 else q / self.alpha_tilde
-        return composed_logits(q, F.log_softmax(base, dim=-1), self.alpha_0, self.alpha_tilde)
+        return customized_logits(q, base, parameterization=self.parameterization, q_scale=self.q_scale,
+                                 alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
 
     def _buffers(self, attention_mask: torch.Tensor, total_len: int, copies: int):
         """(copies·B, total_len) attention mask buffer and the (copies·B, P) prompt positions."""
@@ -348,13 +358,13 @@ class _Engine:
 class _FastEngine(_Engine):
     """One forward per token for both branches, one KV cache (see the module docstring)."""
 
-    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int):
-        super().__init__(model, policy, alpha_0, alpha_tilde)
+    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0):
+        super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale)
         self.B = batch_size
         peft = _is_peft(model)
         if policy == "base" or not peft:
             self.branches = ("base",)
-        elif policy == "adapter" or alpha_0 == 0.0:
+        elif _one_branch(policy, alpha_0, parameterization):
             self.branches = ("adapter",)
         else:
             self.branches = ("base", "adapter")
@@ -444,8 +454,8 @@ class _FastEngine(_Engine):
 class _ReferenceEngine(_Engine):
     """Two separate forwards per token through the public PEFT model, one KV cache per branch."""
 
-    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int):
-        super().__init__(model, policy, alpha_0, alpha_tilde)
+    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0):
+        super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale)
         self.peft = _is_peft(model)
         self.need_q = policy != "base"
         self.need_base = policy != "adapter"
@@ -497,7 +507,8 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
              min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, stop_strings: str | Sequence[str] | None = None, streamer=None,
              seed: int | None = None, fast: bool = True, return_ids: bool = False, policy: str = "customized",
-             eos_token_id: int | Sequence[int] | None = None, raw_text: bool = False, engine_factory=None):
+             eos_token_id: int | Sequence[int] | None = None, raw_text: bool = False,
+             parameterization: str = "full", q_scale: float = 1.0, engine_factory=None):
     """Generate from the customized policy π̃ = softmax((Q̂ + α0·log π1)/α̃) (eq. 1).
 
     Args:
@@ -508,6 +519,9 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
             message dicts (chat template with the generation prompt), or token ids (used as is).
             A 2-D tensor is a batch of (unpadded, equal-length) id rows.
         alpha_0, alpha_tilde: α0 and α̃ of eq. (1) for this call.
+        parameterization, q_scale: how Q̂ is made from the two branches' logits
+            (:func:`qadapter.objective.q_values`; ``QAdapter.generate`` passes the saved ones). The
+            default ``"full"`` reads the adapter logits as Q̂, as this function always has.
         max_new_tokens, min_new_tokens: bounds on the new tokens (the end-of-turn token is suppressed
             until ``min_new_tokens`` are out, as in transformers).
         do_sample, temperature, top_k, top_p: transformers' sampling, applied to the composed logits
@@ -573,8 +587,8 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
     if engine_factory is not None:
         engine = engine_factory(B)
     else:
-        Engine = _FastEngine if fast and _fast_supported(model, policy, alpha_0) else _ReferenceEngine
-        engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B)
+        Engine = _FastEngine if fast and _fast_supported(model, policy, alpha_0, parameterization) else _ReferenceEngine
+        engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B, parameterization, float(q_scale))
     try:
         with torch.inference_mode():
             seqs = torch.empty((B, P + max_new_tokens), dtype=torch.long, device=device)

@@ -1,7 +1,8 @@
 """The model: one set of weights serves both π1 and Q̂.
 
-Q̂(s, ·) = the logits of the causal LM *with* a PEFT LoRA adapter; log π1(· | s) = the log-softmax of
-the same model with the adapter disabled, computed without gradient. :class:`QAdapter` is the
+zθ = the logits of the causal LM *with* a PEFT LoRA adapter, z1 = those of the same model with the
+adapter disabled (computed without gradient), log π1 = log-softmax(z1); Q̂ = q_scale·(zθ − z1)
+(``residual``, the default) or zθ (``full``, the authors' code). :class:`QAdapter` is the
 customized policy π̃ of eq. (1): it scores text and generates through the composed logits, and it
 saves to / loads from a folder that PEFT itself can load, plus ``qadapter_config.json``.
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import ConfigError, SaveError, UserError, check_number, option
-from .objective import NORMALIZERS, composed_logits
+from .objective import NORMALIZERS, PARAMETERIZATIONS, VALUE_PAIRINGS, customized_logits, q_values
 
 CONFIG_NAME = "qadapter_config.json"
 ADAPTER_NAME = "default"  # PEFT's default adapter name; "__base__" selects no adapter in mixed batches
@@ -33,15 +34,21 @@ ADAPTER_NAME = "default"  # PEFT's default adapter name; "__base__" selects no a
 class QAdapterSettings:
     """Everything besides the LoRA weights that defines a trained Q-Adapter (saved as qadapter_config.json).
 
-    alpha_tilde (α̃) and alpha_0 (α0) define the customized policy and may be changed at decode time;
-    gamma, beta, normalizer and reference_compat record how it was trained.
+    ``parameterization`` and ``q_scale`` define Q̂ (``residual``: q_scale·(zθ − z1), see
+    :func:`qadapter.objective.q_values`); alpha_tilde (α̃) and alpha_0 (α0) define the customized
+    policy and may be changed at decode time (:meth:`decoding_alphas`); gamma, beta, normalizer,
+    value_pairing and reference_compat record how it was trained. Folders saved before the
+    residual parameterization existed hold no ``parameterization`` and load as ``full``.
     """
 
     alpha_tilde: float = 1.0
-    alpha_0: float = 0.01
+    alpha_0: float | None = None  # None: tied to alpha_tilde (residual) or the authors' 0.01 (full)
     gamma: float = 1.0
     beta: float = 0.1
-    normalizer: str = "longest_sequence"
+    normalizer: str = "none"
+    parameterization: str = "residual"
+    value_pairing: str = "next_state"
+    q_scale: float | None = None  # residual Q̂ = q_scale·(zθ − z1); None: the training α̃
     reference_compat: bool = False
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -51,11 +58,53 @@ class QAdapterSettings:
     def __post_init__(self):
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+        if self.value_pairing not in VALUE_PAIRINGS:
+            raise ValueError(f"value_pairing must be one of {VALUE_PAIRINGS}, got {self.value_pairing!r}")
         # the method's knobs, validated here only (QAdapterConfig validates through this class)
         check_number("alpha_tilde", self.alpha_tilde, low=0, low_open=True)
         check_number("alpha_0", self.alpha_0, low=0, allow_none=True)
         check_number("gamma", self.gamma, low=0, low_open=True, high=1)
         check_number("beta", self.beta, low=0)
+        if self.alpha_0 is None:
+            self.alpha_0 = self.alpha_tilde if self.parameterization == "residual" else 0.01
+        if self.q_scale is None:
+            self.q_scale = self.alpha_tilde if self.parameterization == "residual" else 1.0
+
+    def decoding_alphas(self, alpha_0: float | None = None, alpha_tilde: float | None = None,
+                        strength: float | None = None) -> tuple[float, float]:
+        """(α0, α̃) to decode with: the saved ones unless overridden.
+
+        ``strength`` s (residual only, exclusive with the α's) sets α0 = α̃ = q_scale / s, so that
+        π̃ ∝ π1 · exp(s · (zθ − z1)): s = 1 is the trained policy (the adapter model itself at
+        the saved, tied α's), s → 0 the base model, s > 1 an amplified customization.
+        """
+        if strength is not None:
+            if alpha_0 is not None or alpha_tilde is not None:
+                raise ValueError("give either strength or alpha_0 / alpha_tilde, not both")
+            if self.parameterization != "residual":
+                raise ValueError("strength applies to a residual Q-Adapter; this one is 'full': "
+                                 "set alpha_0 / alpha_tilde instead")
+            if not strength > 0 or strength == float("inf"):
+                raise ValueError(f"strength must be a finite number > 0, got {strength}")
+            return self.q_scale / strength, self.q_scale / strength
+        return (self.alpha_0 if alpha_0 is None else alpha_0,
+                self.alpha_tilde if alpha_tilde is None else alpha_tilde)
+
+    def logits(self, adapter_logits: torch.Tensor, base_logits: torch.Tensor, alpha_0: float | None = None,
+               alpha_tilde: float | None = None, strength: float | None = None) -> torch.Tensor:
+        """Logits of π̃ (eq. 1) from the raw logits of both branches, at the given decoding strength."""
+        a0, at = self.decoding_alphas(alpha_0, alpha_tilde, strength)
+        return customized_logits(adapter_logits, base_logits, parameterization=self.parameterization,
+                                 q_scale=self.q_scale, alpha_0=a0, alpha_tilde=at)
+
+    @classmethod
+    def from_config(cls, config, **extra) -> "QAdapterSettings":
+        """The settings a :class:`~qadapter.trainer.QAdapterConfig` trains (its method fields)."""
+        names = ("alpha_tilde", "alpha_0", "gamma", "beta", "normalizer", "parameterization", "value_pairing",
+                 "reference_compat")
+        return cls(**{n: getattr(config, n) for n in names}, **extra)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -64,6 +113,9 @@ class QAdapterSettings:
     def from_file(cls, path: str | os.PathLike) -> "QAdapterSettings":
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         known = {f.name for f in dataclasses.fields(cls)}
+        # written before the residual parameterization existed: the authors' Q̂ = adapter logits
+        data.setdefault("parameterization", "full")
+        data.setdefault("normalizer", "longest_sequence")
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -191,7 +243,8 @@ class QAdapter:
     # ----------------------------------------------------------------- construction
     @classmethod
     def create(cls, base_model, tokenizer, settings: QAdapterSettings | None = None, peft_config=None) -> "QAdapter":
-        """Wrap ``base_model`` with a fresh LoRA adapter (a zero delta: Q̂ starts as the base logits)."""
+        """Wrap ``base_model`` with a fresh LoRA adapter (a zero delta: residual Q̂ starts at 0, so
+        π̃ = π1 at tied α's; full Q̂ starts as the base logits)."""
         from peft import get_peft_model
 
         settings = settings or QAdapterSettings()
@@ -283,19 +336,25 @@ class QAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def q_and_base_logprobs(self, input_ids, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q̂ logits, log π1), each (B, T, V) (or at ``positions``): two passes of one network."""
-        q = causal_lm_logits(self.model, input_ids, attention_mask, positions)
+    def branch_logits(self, input_ids, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapter logits zθ, base logits z1), each (B, T, V) float32 (or at ``positions``): two
+        passes of one network, the base one without gradient."""
+        adapter = causal_lm_logits(self.model, input_ids, attention_mask, positions)
         with torch.no_grad(), self.model.disable_adapter():
-            log_pi1 = F.log_softmax(causal_lm_logits(self.model, input_ids, attention_mask, positions).float(), dim=-1)
-        return q.float(), log_pi1
+            base = causal_lm_logits(self.model, input_ids, attention_mask, positions)
+        return adapter.float(), base.float()
+
+    def q_and_base_logprobs(self, input_ids, attention_mask=None, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q̂, log π1), each (B, T, V) (or at ``positions``)."""
+        adapter, base = self.branch_logits(input_ids, attention_mask, positions)
+        q = q_values(adapter, base, self.settings.parameterization, self.settings.q_scale)
+        return q, F.log_softmax(base, dim=-1)
 
     def logits(self, input_ids, attention_mask=None, *, alpha_0: float | None = None,
-               alpha_tilde: float | None = None, positions=None) -> torch.Tensor:
+               alpha_tilde: float | None = None, strength: float | None = None, positions=None) -> torch.Tensor:
         """Next-token logits of the customized policy π̃, eq. (1): (B, T, V)."""
-        q, log_pi1 = self.q_and_base_logprobs(input_ids, attention_mask, positions)
-        return composed_logits(q, log_pi1, self.settings.alpha_0 if alpha_0 is None else alpha_0,
-                               self.settings.alpha_tilde if alpha_tilde is None else alpha_tilde)
+        adapter, base = self.branch_logits(input_ids, attention_mask, positions)
+        return self.settings.logits(adapter, base, alpha_0, alpha_tilde, strength)
 
     def base_logits(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
         """Next-token logits of the pre-trained policy π1 (adapter disabled)."""
@@ -339,6 +398,8 @@ class QAdapter:
         """Generate from π̃ (see :func:`qadapter.generation.generate` for the arguments)."""
         from .generation import generate
 
-        kwargs.setdefault("alpha_0", self.settings.alpha_0)
-        kwargs.setdefault("alpha_tilde", self.settings.alpha_tilde)
+        kwargs["alpha_0"], kwargs["alpha_tilde"] = self.settings.decoding_alphas(
+            kwargs.pop("alpha_0", None), kwargs.pop("alpha_tilde", None), kwargs.pop("strength", None))
+        kwargs.setdefault("parameterization", self.settings.parameterization)
+        kwargs.setdefault("q_scale", self.settings.q_scale)
         return generate(self.model, self.tokenizer, prompts, **kwargs)

@@ -20,13 +20,15 @@ from transformers import TrainerCallback
 from .embedded import DEFAULT_MODEL, default_data_path, resolve_model_path
 
 #: Named settings for the whole job. ``default`` fits a 2-core CPU in under 10 minutes, model
-#: conversion and measurement included: short pairs only, so that a step is cheap and the model
-#: sees as many of them as the time allows. ``long`` is the documented longer run (hours on a
-#: CPU, minutes on a GPU): many more pairs and a full epoch. Flags given on the command line win.
+#: conversion and measurement included: short pairs only, so that a step is cheap, and a FIXED number
+#: of steps (never a time limit: the result must not depend on the machine's load); its settings are
+#: the sweep's (docs/results.md, "Choosing the defaults"). ``long`` is the documented longer run
+#: (hours on a CPU, minutes on a GPU): many more pairs and a full epoch. Flags given on the command line win.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(max_length=128, drop_longer_than=128, eval_pairs=60, train_eval_pairs=60,
-                    per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
-                    max_steps=400, max_train_minutes=5.0, logging_steps=5, save_strategy="no"),
+    "default": dict(max_length=128, drop_longer_than=128, eval_pairs=100, train_eval_pairs=32,
+                    per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                    max_steps=60, max_train_minutes=None, logging_steps=5, save_strategy="no",
+                    show_examples=4, lora_dropout=0.0),
     "long": dict(max_length=256, drop_longer_than=256, eval_pairs=200, train_eval_pairs=200,
                  per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=5e-4,
                  num_train_epochs=1, max_steps=-1, max_train_minutes=None, logging_steps=5,
@@ -43,7 +45,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 class JobArguments:
     """What to train on and what to measure; ``QAdapterConfig`` holds the training knobs."""
 
-    method: str = field(default="qadapter", metadata={"help": "qadapter, or a baseline in the same harness: sft, replay, dpo."})
+    method: str = field(default="qadapter", metadata={"help": "qadapter, or a baseline in the same harness: sft, replay, "
+                                                             "dpo, sft_kl (SFT + a KL penalty toward the base)."})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."})
     data: str | None = field(default=None, metadata={"help": "Preference pairs: a .json/.jsonl/.parquet file (default: the embedded HH-RLHF harmless pairs)."})
     on: str | None = field(default=None, metadata={"help": "Train on top of this earlier adapter or stack folder: its "
@@ -58,6 +61,7 @@ class JobArguments:
     skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping at the first."})
     allow_empty_response: bool = field(default=False, metadata={"help": "Accept pairs whose chosen or rejected response is empty."})
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO baseline (the paper's 0.1)."})
+    kl_weight: float = field(default=0.1, metadata={"help": "Weight of KL(π‖π1) per token in the sft_kl baseline."})
     show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
     example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
     measure_held_out: bool = field(default=True, metadata={"help": "Measure the preference accuracy of the base and the "
@@ -97,7 +101,9 @@ def pair_log_likelihoods(qadapter, tokenized, batch_size: int = 4, desc: str = "
     :func:`qadapter.scoring.score`: both branches in one forward, each prompt computed once for
     its two responses, ``batch_size`` pairs per forward.
 
-    Returns lists ``base_chosen``, ``base_rejected``, ``custom_chosen``, ``custom_rejected``.
+    Returns lists ``base_chosen``, ``base_rejected``, ``custom_chosen``, ``custom_rejected`` and, from the
+    same forward, ``kl`` (Σ_t KL(π̃‖π1) over each response's tokens, chosen and rejected alternating) and
+    ``n_tokens`` (their token counts).
     """
     from .scoring import score
 
@@ -107,10 +113,17 @@ def pair_log_likelihoods(qadapter, tokenized, batch_size: int = 4, desc: str = "
         requests += [(row["prompt_input_ids"], row["chosen_input_ids"]), (row["prompt_input_ids"], row["rejected_input_ids"])]
     pad = qadapter.tokenizer.pad_token_id if qadapter.tokenizer.pad_token_id is not None else 0
     scores = score(qadapter.model, requests, settings=qadapter.settings, policies=("base", "customized"),
-                   pad_token_id=pad, batch_size=2 * batch_size, allow_empty=True, progress=True, desc=desc)
+                   kl="policy||base", pad_token_id=pad, batch_size=batch_size, allow_empty=True, progress=True,
+                   desc=desc)
     base, custom = scores.logprobs["base"], scores.logprobs["customized"]
     return {"base_chosen": base[0::2], "base_rejected": base[1::2],
-            "custom_chosen": custom[0::2], "custom_rejected": custom[1::2]}
+            "custom_chosen": custom[0::2], "custom_rejected": custom[1::2],
+            "kl": scores.kl["customized"], "n_tokens": scores.n_tokens}
+
+
+def kl_per_token(ll: dict[str, list[float]]) -> float:
+    """Mean KL(π̃‖π1) per response token, over both responses of the pairs :func:`pair_log_likelihoods` scored."""
+    return sum(ll["kl"]) / max(1, sum(ll["n_tokens"]))
 
 
 def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
@@ -237,11 +250,12 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         from .trainer.baselines import train_baseline
 
         trainer = train_baseline(job.method, model, tokenizer, train_ids.select_columns(["prompt", "chosen", "rejected"]),
-                                 config, dpo_beta=job.dpo_beta, callbacks=callbacks, log=log)
+                                 config, dpo_beta=job.dpo_beta, kl_weight=job.kl_weight, callbacks=callbacks,
+                                 log=log)
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         # The baseline's policy is its adapter model itself: a QAdapter with α0 = 0 and α̃ = 1
         # decodes and scores exactly that, through the same code as the Q-Adapter.
-        qadapter = QAdapter(peft_model, tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0))
+        qadapter = QAdapter(peft_model, tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0, parameterization="full"))
         save = lambda folder: save_atomically(folder, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))  # noqa: E731
     train_seconds = time.monotonic() - train_start
     if job.on:
@@ -279,15 +293,20 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
             "base": preference_accuracy(ll["base_chosen"], ll["base_rejected"]),
             "customized": preference_accuracy(ll["custom_chosen"], ll["custom_rejected"]),
             "margin": implicit_reward_margins(ll, seed=config.seed),
+            "kl_per_token": kl_per_token(ll),
         }
     if job.show_examples:
-        # distinct prompts: DSP-style data hold several pairs per prompt
+        from .evaluation.repetition import repeated_ngram_fraction
+
+        # distinct prompts: DSP-style data hold several pairs per prompt; greedy, one batch per policy
         prompts = distinct_prompts(eval_ids["prompt"])[:job.show_examples]
-        report["examples"] = [
-            {"prompt": p[-1]["content"] if isinstance(p, list) else p,
-             "base": qadapter.generate([p], policy="base", max_new_tokens=job.example_new_tokens)[0],
-             "customized": qadapter.generate([p], max_new_tokens=job.example_new_tokens)[0]}
-            for p in tqdm(prompts, desc="example answers", leave=False)]
+        answers = {policy: qadapter.generate(prompts, policy=policy, max_new_tokens=job.example_new_tokens)
+                   for policy in tqdm(("base", "customized"), desc="example answers", leave=False)}
+        report["examples"] = [{"prompt": p[-1]["content"] if isinstance(p, list) else p,
+                               "base": b, "customized": c}
+                              for p, b, c in zip(prompts, answers["base"], answers["customized"])]
+        # how much the answers repeat themselves: the fraction of word 4-grams seen earlier in the same answer
+        report["repetition"] = {policy: repeated_ngram_fraction(texts, n=4) for policy, texts in answers.items()}
     from .plots import plot_training_curves
 
     curves = plot_training_curves({job.method: report["log_history"]}, Path(config.output_dir) / "training_curves.png",
@@ -321,8 +340,22 @@ def format_report(report: dict[str, Any]) -> str:
             if m:
                 lines.append(f"{split:<10} {m['n']:>4}  {m['accuracy']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
                              f"  {m['mean']:>+7.2f} [{m['mean_ci_low']:+.2f}, {m['mean_ci_high']:+.2f}]")
+    kls = {split: acc["kl_per_token"] for split, acc in report.get("accuracy", {}).items() if "kl_per_token" in acc}
+    if kls:
+        lines.append("\nKL(π‖π1) per response token (teacher-forced on the measured pairs' responses): "
+                     + ", ".join(f"{split} {kl:.4f}" for split, kl in kls.items()))
+    held = report.get("accuracy", {}).get("held_out", {}).get("margin")
+    if held:
+        excluded = held["mean_ci_low"] > 0 or held["mean_ci_high"] < 0
+        lines.append(f"held-out preference gain (mean margin): {held['mean']:+.2f} nats "
+                     f"[{held['mean_ci_low']:+.2f}, {held['mean_ci_high']:+.2f}] — the 95% interval "
+                     + ("excludes 0" if excluded else "includes 0: no gain resolved at this budget"))
     for ex in report.get("examples", []):
         lines.append(f"\nprompt: {ex['prompt']!r}\n  base:       {ex['base']!r}\n  customized: {ex['customized']!r}")
+    if report.get("repetition"):
+        rep = report["repetition"]
+        lines.append(f"\nrepeated word 4-grams in the {len(report.get('examples', []))} example answers: "
+                     f"base {rep['base']:.3f}, customized {rep['customized']:.3f}")
     lines.append(f"\nadapter saved to {report['adapter_dir']} (with report.json)")
     if report.get("training_curves"):
         lines.append(f"training curves: {report['training_curves']}")

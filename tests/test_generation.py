@@ -137,7 +137,9 @@ def test_greedy_fast_equals_reference_equals_full_recompute(model, tok, paramete
     # the composition matters: the customized tokens differ from both the base and the adapter alone
     _, base = generate(model, tok, PROMPTS, policy="base", **kw)
     _, adapter = generate(model, tok, PROMPTS, policy="adapter", **kw)
-    if alpha_0 >= 0.5:
+    if parameterization == "residual" and alpha_0 == alpha_tilde == q_scale:
+        assert fast == adapter  # strength 1 at tied α's: π̃ is exactly the adapter model's own softmax(zθ)
+    elif alpha_0 >= 0.5:
         assert fast != base and fast != adapter
 
 
@@ -412,19 +414,27 @@ def parse(module, argv):
     return parser.parse_args(argv)
 
 
+#: the saved adapter is residual (the default), trained at α̃ = 0.7: Q̂ = 0.7·(zθ − z1)
+RESIDUAL = dict(parameterization="residual", q_scale=0.7)
+
+
 def test_cli_generate(saved_adapter, tok, capsys):
     from qadapter.commands import generate as cmd
 
     adapter_dir, model = saved_adapter
     args = parse(cmd, ["generate", "--adapter", str(adapter_dir), "hi", "--max-new-tokens", "8"])
     assert args.func is cmd.run and cmd.run(args) == 0
-    expect = generate(model, tok, "hi", alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=8)[0]
+    expect = generate(model, tok, "hi", alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=8, **RESIDUAL)[0]
+    assert capsys.readouterr().out == expect + "\n"
+    args = parse(cmd, ["generate", "--adapter", str(adapter_dir), "hi", "--max-new-tokens", "8", "--strength", "2"])
+    assert cmd.run(args) == 0  # strength 2: α0 = α̃ = q_scale / 2 = 0.35
+    expect = generate(model, tok, "hi", alpha_0=0.35, alpha_tilde=0.35, max_new_tokens=8, **RESIDUAL)[0]
     assert capsys.readouterr().out == expect + "\n"
     args = parse(cmd, ["generate", "--adapter", str(adapter_dir), "hi", "--max-new-tokens", "8", "--compare",
                        "--alpha-0", "1.5"])
     assert cmd.run(args) == 0
     out = capsys.readouterr().out
-    custom = generate(model, tok, "hi", alpha_0=1.5, alpha_tilde=0.7, max_new_tokens=8)[0].strip()
+    custom = generate(model, tok, "hi", alpha_0=1.5, alpha_tilde=0.7, max_new_tokens=8, **RESIDUAL)[0].strip()
     base = generate(model, tok, "hi", alpha_0=1.5, alpha_tilde=0.7, max_new_tokens=8, policy="base")[0].strip()
     assert out == (f"=== Q-Adapter (alpha_0=1.5, alpha_tilde=0.7) ===\n{custom}\n"
                    f"=== base model (adapter disabled) ===\n{base}\n")
@@ -437,7 +447,7 @@ def test_cli_chat(saved_adapter, tok):
     args = parse(cmd, ["chat", "--adapter", str(adapter_dir), "--max-new-tokens", "6"])
     out = io.StringIO()
     assert cmd.run(args, stdin=io.StringIO("hello\nand more\n/exit\nnever read\n"), stdout=out) == 0
-    kw = dict(alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=6)
+    kw = dict(alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=6, **RESIDUAL)
     first = generate(model, tok, "hello", **kw)[0]
     second = generate(model, tok, [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.strip()},
                                     {"role": "user", "content": "and more"}]], **kw)[0]

@@ -20,8 +20,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args, stdin=None, stdout=None) -> int:
-    from ..generation import generate
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     qa = load(args)
@@ -54,7 +52,8 @@ def run(args, stdin=None, stdout=None) -> int:
             history = histories[policy]
             history.append({"role": "user", "content": text})
             print(f"[{label(kwargs, policy)}] " if len(policies) > 1 else "assistant> ", end="", file=stdout, flush=True)
-            answer = generate(qa.model, qa.tokenizer, [history], policy=policy, streamer=streamer, **kwargs)[0]
+            # through the adapter's own generate: it knows how Q̂ is parameterized (residual or full)
+            answer = qa.generate([history], policy=policy, streamer=streamer, **kwargs)[0]
             history.append({"role": "assistant", "content": answer.strip()})
     return 0
 

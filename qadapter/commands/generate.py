@@ -19,6 +19,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true", dest="trust_remote_code",
                         help="allow a base model that ships its own Python code to run it (off: such a model is refused)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="decode-time strength s of a residual Q-Adapter: π̃ ∝ π1·exp(s·(zθ − z1)); 1 (default) is "
+                             "the trained policy, towards 0 the base model, above 1 an amplified customization")
     parser.add_argument("--alpha-0", type=float, default=None, dest="alpha_0",
                         help="α0 of eq. (1), the weight of log π1 (default: the adapter's setting)")
     parser.add_argument("--alpha-tilde", type=float, default=None, dest="alpha_tilde",
@@ -62,18 +65,18 @@ def load(args):
 
 
 def decoding_kwargs(args, qa) -> dict:
+    common = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  stop_strings=args.stop, fast=not args.reference)
     if hasattr(qa, "strengths"):  # a QAdapterStack
         if args.alpha_0 is not None or args.alpha_tilde is not None:
             raise SystemExit("--alpha-0 / --alpha-tilde do not apply to a stack: use --strengths")
-        return dict(strengths=qa.strengths, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, stop_strings=args.stop, fast=not args.reference)
-    s = qa.settings
-    return dict(alpha_0=s.alpha_0 if args.alpha_0 is None else args.alpha_0,
-                alpha_tilde=s.alpha_tilde if args.alpha_tilde is None else args.alpha_tilde,
-                max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                stop_strings=args.stop, fast=not args.reference)
+        return dict(strengths=qa.strengths, **common)
+    try:  # the saved α's unless overridden, or the strength: one rule, QAdapterSettings.decoding_alphas
+        alpha_0, alpha_tilde = qa.settings.decoding_alphas(args.alpha_0, args.alpha_tilde, getattr(args, "strength", None))
+    except ValueError as e:
+        raise SystemExit(f"qadapter: {e}") from None
+    return dict(alpha_0=alpha_0, alpha_tilde=alpha_tilde, **common)
 
 
 def label(kwargs: dict, policy: str) -> str:
@@ -96,14 +99,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..generation import generate
-
     prompts = [sys.stdin.read().strip() if p == "-" else p for p in args.prompts]
     qa = load(args)
     kwargs = decoding_kwargs(args, qa)
     policies = [args.policy] + (["base"] if args.compare and args.policy != "base" else [])
-    answers = {policy: (qa.generate(prompts, policy=policy, **kwargs) if "strengths" in kwargs
-                        else generate(qa.model, qa.tokenizer, prompts, policy=policy, **kwargs)) for policy in policies}
+    # through the adapter's own generate: it knows how Q̂ is parameterized (residual or full)
+    answers = {policy: qa.generate(prompts, policy=policy, **kwargs) for policy in policies}
     labeled = len(prompts) > 1 or len(policies) > 1
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:

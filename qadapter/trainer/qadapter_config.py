@@ -8,12 +8,12 @@ from transformers import TrainingArguments
 
 from ..data.tokenization import check_lengths
 from ..errors import check_number
-from ..objective import NORMALIZERS
+from ..objective import NORMALIZERS, PARAMETERIZATIONS, VALUE_PAIRINGS
 
 
 @dataclass
 class QAdapterConfig(TrainingArguments):
-    """``transformers.TrainingArguments`` with Q-Adapter's knobs; defaults follow the authors' code.
+    """``transformers.TrainingArguments`` with Q-Adapter's knobs (defaults: docs/results.md's sweep).
 
     Every ``Trainer`` argument works as usual (``output_dir``, ``per_device_train_batch_size``,
     ``gradient_accumulation_steps``, ``resume_from_checkpoint`` ...). Defaults that differ from
@@ -22,11 +22,22 @@ class QAdapterConfig(TrainingArguments):
     """
 
     # --- the objective (docs/method.md, eqs. 1-5)
+    parameterization: str | None = field(default=None, metadata={
+        "help": "How Q̂ is made from the adapter: 'residual' (default; Q̂ = α̃·(adapter logits − base logits), zero "
+                "before training, so the customized policy starts at the base model) or 'full' (Q̂ = adapter logits, "
+                "the authors' code; the default under --reference_compat). See docs/method.md.",
+        "choices": list(PARAMETERIZATIONS)})
     alpha_tilde: float = field(default=1.0, metadata={"help": "α̃: temperature of the customized policy."})
-    alpha_0: float = field(default=0.01, metadata={"help": "α0 = λ·α1: weight of log π1 (retention) in the customized policy."})
+    alpha_0: float | None = field(default=None, metadata={
+        "help": "α0 = λ·α1: weight of log π1 (retention) in the customized policy. Default: tied to alpha_tilde "
+                "(residual), the authors' 0.01 (full)."})
     gamma: float = field(default=1.0, metadata={"help": "γ: discount of the token-level MDP."})
     beta: float = field(default=0.1, metadata={"help": "β: weight of the χ² regularizer on the implied per-token rewards."})
-    normalizer: str = field(default="longest_sequence", metadata={
+    value_pairing: str = field(default="next_state", metadata={
+        "help": "Which soft value the implied reward pairs with Q̂(s_t,a_t): 'next_state' V(s_t+1) (the math) or "
+                "'same_state' V(s_t) (the authors' code). Same Bradley-Terry term; different χ² term.",
+        "choices": list(VALUE_PAIRINGS)})
+    normalizer: str = field(default="none", metadata={
         "help": f"length normalizer n of the Bradley-Terry term: one of {', '.join(NORMALIZERS)}.",
         "choices": list(NORMALIZERS)})
     reference_compat: bool = field(default=False, metadata={
@@ -60,10 +71,15 @@ class QAdapterConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
-        if self.alpha_tilde <= 0:
-            raise ValueError(f"alpha_tilde must be > 0, got {self.alpha_tilde}")
+        if self.parameterization is None:
+            self.parameterization = "full" if self.reference_compat else "residual"
+        if self.reference_compat and self.parameterization != "full":
+            raise ValueError("reference_compat reproduces the authors' code, whose Q̂ is the adapter's logits: "
+                             "use parameterization='full' with it")
+        from ..modeling import QAdapterSettings
+
+        # the method's fields are validated (and alpha_0 resolved) by the one settings type
+        self.alpha_0 = QAdapterSettings.from_config(self).alpha_0
         check_number("learning_rate", self.learning_rate, low=0, low_open=True)
         check_lengths(self.max_length, self.max_prompt_length)
         check_number("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)

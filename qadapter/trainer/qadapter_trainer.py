@@ -347,9 +347,13 @@ def _q_and_values(model, layout: _Layout, head, args) -> tuple[torch.Tensor, tor
     inputs = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
                   position_ids=layout.position_ids, use_cache=False, logits_to_keep=layout.kept)
     if head is None:  # through the logits: one (rows, K, V) tensor per pass
-        q = model(**inputs).logits.float()  # with grad
+        adapter_logits = model(**inputs).logits  # with grad
         with torch.no_grad(), _unwrap(model).disable_adapter():
-            log_pi1 = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+            base_logits = model(**inputs).logits.float()
+        q = q_values(adapter_logits, base_logits, args.parameterization, args.alpha_tilde)
+        del adapter_logits
+        log_pi1 = F.log_softmax(base_logits, dim=-1)
+        del base_logits
         values = soft_values(q, log_pi1, args.alpha_0, args.alpha_tilde)
         q_taken = q.gather(-1, layout.actions)
         return q_taken, values
@@ -363,7 +367,8 @@ def _q_and_values(model, layout: _Layout, head, args) -> tuple[torch.Tensor, tor
 
     def fused(hidden):
         values, q_taken = _FusedQHead.apply(hidden[valid], base_hidden[valid].to(hidden.dtype), _full(head.weight),
-                                            _full(head.bias), actions[valid], args.alpha_0, args.alpha_tilde, chunk)
+                                            _full(head.bias), actions[valid], args.alpha_0, args.alpha_tilde, chunk,
+                                            args.parameterization, args.alpha_tilde)
         out = hidden.new_zeros(valid.shape + (1 + actions.shape[-1],), dtype=torch.float32)
         out[valid] = torch.cat([values[:, None], q_taken], dim=-1)
         return out
@@ -382,7 +387,7 @@ def loss_from_returns(q_taken, values, mask, seq_lengths, args: QAdapterConfig) 
         out = reference_compat_loss(q_taken, values, mask, args.gamma, args.beta,
                                     padded_length=int(seq_lengths.max()))
     else:
-        rewards = implied_rewards(q_taken, values, mask, args.gamma)
+        rewards = implied_rewards(q_taken, values, mask, args.gamma, args.value_pairing)
         n_c, n_r = length_normalizers(args.normalizer, mask[:half], mask[half:], seq_lengths[:half], seq_lengths[half:])
         out = preference_loss(rewards[:half], mask[:half], rewards[half:], mask[half:], n_c, n_r, args.beta)
     count = mask.sum().clamp(min=1)
@@ -480,10 +485,8 @@ class QAdapterTrainer(Trainer):
             model = get_peft_model(model, peft_config or lora_config(
                 args.lora_r, args.lora_alpha, args.lora_dropout,
                 target if target == "all-linear" else target.split(",")))
-        self.settings = QAdapterSettings(
-            alpha_tilde=args.alpha_tilde, alpha_0=args.alpha_0, gamma=args.gamma, beta=args.beta,
-            normalizer=args.normalizer, reference_compat=args.reference_compat,
-            base_model_name_or_path=base_model_name_or_path or getattr(model, "name_or_path", None)
+        self.settings = QAdapterSettings.from_config(
+            args, base_model_name_or_path=base_model_name_or_path or getattr(model, "name_or_path", None)
             or model.get_base_model().name_or_path,
             base_fingerprint=fingerprint)
         train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
@@ -505,7 +508,6 @@ class QAdapterTrainer(Trainer):
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir,
                                 log=print if self.args.should_log else (lambda *_: None))
         return super().train(resume, *args, **kwargs)
-
 
     @staticmethod
     def _tokenize(dataset, tokenizer, args, split):
