@@ -98,7 +98,7 @@ def test_the_api_spells_options_as_python(tmp_path):
 def test_a_real_process_prints_no_traceback(model_dir, tmp_path):
     data = write_pairs(tmp_path / "bad.jsonl", 20, bad_lines=[(6, "{not json")])
     done = subprocess.run([sys.executable, "-m", "qadapter.cli", *train_argv(model_dir, data, tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
