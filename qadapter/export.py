@@ -107,6 +107,18 @@ def concatenate_loras(folders: Sequence[Path], to: Path) -> dict:
     return config
 
 
+def _write_settings(to: Path, spec) -> None:
+    """A ``qadapter_config.json`` beside the PEFT files (PEFT and vLLM ignore it): the export read as a
+    residual Q-Adapter at tied α0 = α̃ = q_scale = 1 is softmax(zθ), its own adapter model, so
+    ``qadapter serve --adapter NAME=DIR`` serves exactly the exported policy (and strengths around it)."""
+    from .modeling import CONFIG_NAME, QAdapterSettings
+
+    settings = QAdapterSettings(parameterization="residual", alpha_tilde=1.0, alpha_0=1.0, q_scale=1.0,
+                                base_model_name_or_path=spec.base_model_name_or_path,
+                                base_model_revision=spec.base_model_revision, base_fingerprint=spec.base_fingerprint)
+    (Path(to) / CONFIG_NAME).write_text(settings.to_json(), encoding="utf-8")
+
+
 def _copy_tokenizer(src_dirs: Sequence[Path], to: Path) -> None:
     for src in src_dirs:
         if src is not None and (Path(src) / "tokenizer_config.json").is_file():
@@ -135,6 +147,7 @@ def exact_export(source, to, strengths: Sequence[float] | None = None) -> dict:
         else:
             concatenate_loras(spec.folders, tmp)
         _copy_tokenizer([spec.tokenizer_dir, *spec.folders], tmp)
+        _write_settings(tmp, spec)
         info = {"source": str(source), "kind": "copy" if len(spec.folders) == 1 else "concatenated",
                 "strengths": strengths, "base_model_name_or_path": spec.base_model_name_or_path,
                 "base_fingerprint": spec.base_fingerprint, "exact": True}
@@ -266,13 +279,14 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
     student.eval()
     kl_after = held_kl() if held_seqs else float("nan")
 
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_settings(tmp, read_stack(source))
 
     save_atomically(to, write)
     shutil.rmtree(init_dir, ignore_errors=True)

@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 DOMAINS = ("academy", "business", "entertainment", "literature")
 
 
@@ -350,10 +348,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.report:
         return report(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.arc_base or args.arc_of:
         return arc_base(args)
     run_chain(args)
