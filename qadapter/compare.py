@@ -592,8 +592,8 @@ def _arc_at_strengths(qa, subset: str, strengths: Sequence[float], *, limit, see
     from .evaluation.benchmarks import load_arc
     from .evaluation.policy import pad_token_id
     from .evaluation.scoring import _prepare_requests
-    from .evaluation.stats import EvalResult, make_metric, subsample
-    from .evaluation.tasks import _encode_pair
+    from .evaluation.stats import subsample
+    from .evaluation.tasks import _encode_pair, multiple_choice_result
     from .scoring import score
 
     items = subsample(load_arc(subset, data_dir), limit, seed)
@@ -605,23 +605,10 @@ def _arc_at_strengths(qa, subset: str, strengths: Sequence[float], *, limit, see
     scores = score(qa.model, _prepare_requests(requests, None), settings=qa.settings, policies=(),
                    strengths=list(strengths), pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size,
                    progress=progress, desc=f"arc_{subset} at every strength")
-    out = {}
-    for strength in strengths:
-        lls: list[list[float]] = [[] for _ in items]
-        for i, ll in zip(owners, scores.logprobs[_strength_name(strength)]):
-            lls[i].append(ll)
-        acc, acc_norm, samples = [], [], []
-        for item, ll in zip(items, lls):
-            ll_arr = np.asarray(ll)
-            lengths = np.asarray([max(1, len(c.strip()) or len(c)) for c in item.continuations], dtype=float)
-            pred, pred_norm = int(ll_arr.argmax()), int((ll_arr / lengths).argmax())
-            acc.append(float(pred == item.gold))
-            acc_norm.append(float(pred_norm == item.gold))
-            samples.append({**item.meta, "gold": item.gold, "pred": pred, "pred_norm": pred_norm, "loglikelihoods": ll})
-        metrics = {"acc": make_metric(acc, n_boot, seed), "acc_norm": make_metric(acc_norm, n_boot, seed)}
-        out[strength] = EvalResult(f"arc_{subset}", len(items), metrics, "acc",
-                                   {"subset": subset, "limit": limit, "seed": seed, "chat": False}, samples=samples)
-    return out
+    return {strength: multiple_choice_result(items, owners, scores.logprobs[_strength_name(strength)],
+                                             task=f"arc_{subset}", n_boot=n_boot, seed=seed,
+                                             config={"subset": subset, "limit": limit, "seed": seed, "chat": False})
+            for strength in strengths}
 
 
 def _kl_at_strengths(qa, strengths: Sequence[float], *, prompts, responses, max_new_tokens: int, seed: int,

@@ -171,6 +171,29 @@ def causal_lm_logits(model, input_ids, attention_mask=None, positions: torch.Ten
     return model(**kwargs, logits_to_keep=positions).logits
 
 
+def text_config(model):
+    """The text model's config of ``model`` (a PEFT model, a wrapper-free transformers model, or a
+    multimodal one whose text part has its own config)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_kind(model, longest_row: int) -> str | None:
+    """'sdpa' or 'eager' when a custom 4D attention mask is honoured as given, else None (flash
+    attention takes no 4D mask; a sliding window shorter than a row would be lost under it). The
+    trainer's shared-prompt layout and the scorer's pack several sequences into a row only then."""
+    text = text_config(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(text, "_attn_implementation", None) or getattr(inner.config, "_attn_implementation", None)
+    if kind not in ("sdpa", "eager"):
+        return None
+    window = getattr(text, "sliding_window", None)
+    if window is not None and getattr(text, "use_sliding_window", True) and longest_row > window:
+        return None
+    return kind
+
+
 def save_atomically(output_dir: str | os.PathLike, write, *, manifest: bool = True) -> Path:
     """Run ``write(folder)`` into a temporary sibling folder that then replaces ``output_dir``, so
     a crash never leaves a half-written model behind (and an old one survives a failed save).

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .modeling import attention_kind, text_config
 from .objective import composed_logits, q_values
 
 __all__ = ["Scores", "score", "policy_specs", "KL_DIRECTIONS"]
@@ -126,20 +127,10 @@ def _inner(model):
 
 
 def _text_config(model):
-    config = _inner(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config(_inner(model))
 
 
-def _attention_kind(model, longest_row: int) -> str | None:
-    """'sdpa' or 'eager' when a 4D attention mask is honoured as given, else None."""
-    text = _text_config(model)
-    kind = getattr(text, "_attn_implementation", None) or getattr(_inner(model).config, "_attn_implementation", None)
-    if kind not in ("sdpa", "eager"):
-        return None
-    window = getattr(text, "sliding_window", None)
-    if window is not None and getattr(text, "use_sliding_window", True) and longest_row > window:
-        return None
-    return kind
+_attention_kind = attention_kind
 
 
 def _projection_head(model):

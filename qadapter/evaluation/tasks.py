@@ -64,8 +64,16 @@ def multiple_choice_accuracy(policy, items: Sequence[MCItem], *, task: str = "mu
             owners.append(i)
     scores = continuation_logprobs(policy, requests, batch_size=batch_size, max_length=max_length,
                                    progress=progress, desc=task)
+    return multiple_choice_result(items, owners, [ll for ll, _ in scores], task=task, n_boot=n_boot, seed=seed,
+                                  config=dict(config or {}, chat=chat))
+
+
+def multiple_choice_result(items: Sequence[MCItem], owners: Sequence[int], loglikelihoods: Sequence[float], *,
+                           task: str, n_boot: int = 1000, seed: int = 0, config: dict | None = None) -> EvalResult:
+    """``acc`` / ``acc_norm`` of :func:`multiple_choice_accuracy` from the summed log-likelihood of
+    every (question, choice) request; ``owners[k]`` is the question of request k (choices in order)."""
     lls: list[list[float]] = [[] for _ in items]
-    for i, (ll, _) in zip(owners, scores):
+    for i, ll in zip(owners, loglikelihoods):
         lls[i].append(ll)
     acc, acc_norm, samples = [], [], []
     for item, ll in zip(items, lls):
@@ -76,7 +84,7 @@ def multiple_choice_accuracy(policy, items: Sequence[MCItem], *, task: str = "mu
         acc_norm.append(float(pred_norm == item.gold))
         samples.append({**item.meta, "gold": item.gold, "pred": pred, "pred_norm": pred_norm, "loglikelihoods": ll})
     metrics = {"acc": make_metric(acc, n_boot, seed), "acc_norm": make_metric(acc_norm, n_boot, seed)}
-    return EvalResult(task, len(items), metrics, "acc", dict(config or {}, chat=chat), samples=samples)
+    return EvalResult(task, len(items), metrics, "acc", dict(config or {}), samples=samples)
 
 
 def evaluate_mmlu(policy, *, n_shot: int = 0, subjects: Sequence[str] | None = None, limit: int | None = None,

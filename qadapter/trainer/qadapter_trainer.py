@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
 from ..integrity import check_finite_weights
-from ..modeling import (CONFIG_NAME, QAdapterSettings, base_fingerprint, check_target_modules, lora_config,
+from ..modeling import (CONFIG_NAME, attention_kind, text_config, QAdapterSettings, base_fingerprint, check_target_modules, lora_config,
                         position_ids_from_mask)
 from ..objective import (composed_logits, implied_rewards, length_normalizers, preference_loss, q_values,
                          reference_compat_loss, soft_values)
@@ -113,23 +113,8 @@ def _peft_model(model):
     return inner
 
 
-def _text_config(peft_model):
-    config = peft_model.get_base_model().config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _attention_kind(peft_model, longest_pair: int) -> str | None:
-    """'sdpa' or 'eager' when a custom 4D attention mask is honoured as given, else None (flash
-    attention takes no 4D mask; a sliding window shorter than a pair would be lost under it)."""
-    text = _text_config(peft_model)
-    kind = getattr(text, "_attn_implementation", None) or getattr(peft_model.get_base_model().config,
-                                                                  "_attn_implementation", None)
-    if kind not in ("sdpa", "eager"):
-        return None
-    window = getattr(text, "sliding_window", None)
-    if window is not None and getattr(text, "use_sliding_window", True) and longest_pair > window:
-        return None
-    return kind
+_text_config = text_config
+_attention_kind = attention_kind
 
 
 def _full(tensor):
