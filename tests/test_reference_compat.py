@@ -184,7 +184,8 @@ class QProbe(torch.nn.Module):
 
 
 def _changed(model, pairs, cfg, edits):
-    plain, probed = step(model, pairs, cfg), step(QProbe(model, edits), pairs, cfg)
+    # both through the wrapper (the straightforward step), so that nothing but the edit differs
+    plain, probed = step(QProbe(model, {}), pairs, cfg), step(QProbe(model, edits), pairs, cfg)
     return {k: (probed[k] - plain[k]).detach().double() for k in ("loss", "reward_chosen", "reward_rejected")}
 
 
