@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         except (UserError, SaveError, NonFiniteError) as err:
             if debug:
                 raise
-            print(f"qadapter: error: {err}", file=sys.stderr, flush=True)
+            # a fault during training interrupts a progress bar mid-line: start the message on its own line
+            fresh_line = "" if isinstance(err, UserError) else "\n"
+            print(f"{fresh_line}qadapter: error: {err}", file=sys.stderr, flush=True)
             return 2 if isinstance(err, UserError) else 1
 
 
