@@ -38,9 +38,6 @@ Usage: python bench/score.py [--pairs 64] [--arc 64] [--repeats 3] [--max-length
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import os
 import random
 import statistics
 import sys
@@ -52,20 +49,7 @@ import torch
 import torch.nn.functional as F
 
 STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
-
-
-def trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from memory import rss_bytes, trim  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 class PeakSampler:

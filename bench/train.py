@@ -47,8 +47,6 @@ Usage: python bench/train.py [--lengths 256 512] [--steps 1] [--warmup 1] [--bat
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import random
@@ -76,20 +74,7 @@ QADAPTER_VARIANTS = {
 VARIANTS = ("trl", *QADAPTER_VARIANTS)
 KEYS = ("pairs_per_s", "cpu_s_per_pair", "peak_delta_mb", "peak_mb")
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
-
-
-def trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from memory import rss_bytes, trim  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 class PeakSampler:
