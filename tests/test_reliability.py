@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
+from test_pipeline import conv, write_pairs
 from qadapter import cli
 from qadapter.data import PreferenceDataError, load_preference_pairs
 from qadapter.errors import ConfigError, SaveError, UserError
@@ -28,17 +29,6 @@ from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def conv(prompt, answer):
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-
-
-def write_pairs(path, n, bad_lines=()):
-    lines = [json.dumps({"chosen": conv(f"w{i} w{i + 1}", f"w3{i % 10} w4"),
-                         "rejected": conv(f"w{i} w{i + 1}", "w50 w51 w52")}) for i in range(n)]
-    for index, text in bad_lines:
-        lines[index] = text
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
