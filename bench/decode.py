@@ -39,7 +39,7 @@ def load(path, device, lora_seed: int):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qadapter.modeling import lora_config
+    from qadapter.backbone import lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
@@ -64,7 +64,8 @@ def timed(fn, device) -> tuple[float, float]:
 
 
 def bench_device(device, args, tokenizer, base, peft_model) -> dict[int, float]:
-    from qadapter.generation import encode_prompt, generate, left_pad
+    from qadapter.chat import encode_prompt
+    from qadapter.generation import generate, left_pad
 
     n = args.new_tokens
     ratios = {}

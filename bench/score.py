@@ -87,7 +87,9 @@ def load_model(lora_seed: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qadapter.embedded import DEFAULT_MODEL, resolve_model_path
-    from qadapter.modeling import QAdapter, QAdapterSettings, lora_config
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
+    from qadapter.backbone import lora_config
 
     path = resolve_model_path(DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -131,7 +133,7 @@ def policy_list(qa, strengths):
 @torch.no_grad()
 def plain_scorer(qa, requests, specs, batch_size: int):
     """Two passes over left-padded whole sequences, the whole vocabulary at every position."""
-    from qadapter.modeling import position_ids_from_mask
+    from qadapter.backbone import position_ids_from_mask
     from qadapter.objective import customized_logits
 
     model, settings = qa.model, qa.settings

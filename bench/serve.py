@@ -2,7 +2,8 @@
 
 Saves a Q-Adapter on the embedded default model (SmolLM2-135M-Instruct; random non-zero lora_B,
 seeded, so both branches really differ), starts ``qadapter serve`` on it in a subprocess on
-127.0.0.1 (one torch thread by default), then runs two phases with streaming chat requests (greedy,
+127.0.0.1 (torch's default threads, i.e. every core, as ``qadapter serve`` runs by default;
+``--threads 1`` for a shared machine), then runs two phases with streaming chat requests (greedy,
 ``max_tokens`` new tokens at most, usage included):
 
   1. one client alone, ``--single-requests`` requests one after the other;
@@ -56,7 +57,9 @@ def save_adapter(folder: Path, seed: int = 0) -> Path:
     import torch
 
     from qadapter.embedded import DEFAULT_MODEL, resolve_model_path
-    from qadapter.modeling import QAdapter, QAdapterSettings, lora_config
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
+    from qadapter.backbone import lora_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path("embedded")
@@ -75,7 +78,7 @@ def save_adapter(folder: Path, seed: int = 0) -> Path:
 
 def start_server(adapter: Path, threads: int, args, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "qadapter.cli", "serve", "--adapter", f"bench={adapter}", "--host", "127.0.0.1",
-           "--port", "0", "--threads", str(threads), "--max-batch", str(args.clients), "--log-level", "warning",
+           "--port", "0", *(["--threads", str(threads)] if threads else []), "--max-batch", str(args.clients), "--log-level", "warning",
            "--max-tokens-cap", str(args.max_tokens), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -172,12 +175,15 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=2, help="requests per concurrent client (2)")
     p.add_argument("--single-requests", type=int, default=4, help="requests of the lone client (4)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the server (1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the server (0: torch's default, every core, as `qadapter serve` runs)")
     p.add_argument("--time-limit", type=float, default=300.0, help="no new request after this many seconds, per phase")
     args = p.parse_args(argv)
-    for name in ("clients", "requests", "single_requests", "max_tokens", "threads"):
+    for name in ("clients", "requests", "single_requests", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: torch's default)")
     import torch
 
     torch.set_num_threads(1)
@@ -185,7 +191,7 @@ def main(argv=None) -> int:
         adapter = save_adapter(Path(tmp))
         proc, url = start_server(adapter, args.threads, args)
         try:
-            print(f"server {url} (embedded SmolLM2-135M-Instruct + a random LoRA adapter, {args.threads} thread(s)); "
+            print(f"server {url} (embedded SmolLM2-135M-Instruct + a random LoRA adapter, {args.threads or 'default'} thread(s)); "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
             asyncio.run(phase(url, 1, 1, 8, args.time_limit))  # warm-up
             alone = asyncio.run(phase(url, 1, args.single_requests, args.max_tokens, args.time_limit))

@@ -144,7 +144,7 @@ def build(variant: str, path: str, tokenizer, data, length: int, args, out_dir: 
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM
 
-    from qadapter.modeling import lora_config
+    from qadapter.backbone import lora_config
 
     raw, ours, trl_ds = data
     common = dict(output_dir=os.path.join(out_dir, variant), per_device_train_batch_size=args.batch_size,

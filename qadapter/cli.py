@@ -60,7 +60,11 @@ def _main(argv: list[str]) -> int:
     compare.add_parser(sub)
     serve.add_parser(sub)
     export.add_parser(sub)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only `compare` takes flags it does not define (they are `qadapter train` flags)
+        if not getattr(args, "takes_train_flags", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.train_flags = unknown
     if args.command is None:
         parser.print_help()
         return 2

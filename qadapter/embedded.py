@@ -56,7 +56,7 @@ def default_model_path() -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    from .modeling import save_atomically
+    from .io import save_atomically
 
     save_atomically(target, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
     return target
@@ -72,3 +72,30 @@ def resolve_model_path(name: str | None) -> str:
 def default_data_path() -> Path:
     """The HH-RLHF harmless-base pairs shipped inside the package (MIT; see PROVENANCE.md there)."""
     return Path(__file__).parent / "data" / "hh_rlhf_harmless" / "pairs.jsonl"
+
+
+def load_model(name_or_path, *, dtype=None, revision: str | None = None, trust_remote_code: bool = False):
+    """The causal LM ``name_or_path`` names (a folder, a hub id, or the embedded default by any of
+    its names), refusing a folder that asks to run its own code unless ``trust_remote_code``.
+    ``dtype`` None: the checkpoint's own (transformers' default)."""
+    from transformers import AutoModelForCausalLM
+
+    from .integrity import check_no_remote_code
+
+    path = resolve_model_path(str(name_or_path))
+    check_no_remote_code(path, trust_remote_code)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if revision is not None:
+        kwargs["revision"] = revision
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_tokenizer(name_or_path, *, pad_with_eos: bool = False, trust_remote_code: bool = False):
+    """The tokenizer of ``name_or_path`` (resolved as :func:`load_model` does). ``pad_with_eos``:
+    a tokenizer without a pad token pads with its end-of-sequence token (what training needs)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(name_or_path)), trust_remote_code=trust_remote_code)
+    if pad_with_eos and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .backbone import pad_token_id
 from .stack import PEFT_CONFIG, QAdapterStack, _load_base, read_stack
 
 EXPORT_INFO = "qadapter_export.json"
@@ -111,12 +112,12 @@ def _write_settings(to: Path, spec) -> None:
     """A ``qadapter_config.json`` beside the PEFT files (PEFT and vLLM ignore it): the export read as a
     residual Q-Adapter at tied α0 = α̃ = q_scale = 1 is softmax(zθ), its own adapter model, so
     ``qadapter serve --adapter NAME=DIR`` serves exactly the exported policy (and strengths around it)."""
-    from .modeling import CONFIG_NAME, QAdapterSettings
+    from .settings import QAdapterSettings
 
     settings = QAdapterSettings(parameterization="residual", alpha_tilde=1.0, alpha_0=1.0, q_scale=1.0,
                                 base_model_name_or_path=spec.base_model_name_or_path,
                                 base_model_revision=spec.base_model_revision, base_fingerprint=spec.base_fingerprint)
-    (Path(to) / CONFIG_NAME).write_text(settings.to_json(), encoding="utf-8")
+    settings.save(to)
 
 
 def _copy_tokenizer(src_dirs: Sequence[Path], to: Path) -> None:
@@ -131,7 +132,7 @@ def _copy_tokenizer(src_dirs: Sequence[Path], to: Path) -> None:
 def exact_export(source, to, strengths: Sequence[float] | None = None) -> dict:
     """The exact export (a copy, or the concatenation) where the policy is one adapter model; raises
     ValueError where it is not (some strength ≠ 1)."""
-    from .modeling import save_atomically
+    from .io import save_atomically
 
     spec = read_stack(source)
     strengths = list(strengths) if strengths is not None else spec.strengths
@@ -166,7 +167,7 @@ def _prompt_key(prompt) -> str:
 def _kl_on(teacher, student, seqs: list[list[int]], starts: list[int], pad: int, grad: bool) -> tuple[torch.Tensor, int]:
     """Σ over response positions of KL(π̃ ‖ π_student), and the number of positions; ``teacher`` is
     a logits function (the stacked policy's ``logits``)."""
-    from .modeling import causal_lm_logits
+    from .backbone import causal_lm_logits
 
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -209,7 +210,7 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
 
     from .data import load_preference_pairs
     from .evaluation.policy import HFPolicy, QAdapterBaseView
-    from .modeling import save_atomically
+    from .io import save_atomically
 
     started = time.monotonic()
     rng = random.Random(seed)
@@ -217,7 +218,7 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
     student_base = copy.deepcopy(base_model) if isinstance(base_model, torch.nn.Module) else base_model
     teacher = QAdapterStack.from_pretrained(source, base_model=base_model, strengths=strengths)
     tok = teacher.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     pairs, _ = load_preference_pairs(data, skip_invalid=True)
     rows = [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
     keys = sorted({_prompt_key(r["prompt"]) for r in rows})
@@ -230,7 +231,7 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
 
     def sample(prompts, tag):
         seqs, starts = [], []
-        from .generation import encode_prompt
+        from .chat import encode_prompt
         for rep in range(samples_per_prompt):
             for start in range(0, len(prompts), 8):
                 chunk = prompts[start:start + 8]

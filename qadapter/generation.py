@@ -12,10 +12,10 @@ nothing but how the logits are computed:
 * **fast** (default): ONE forward per token for BOTH branches, with ONE KV cache. The batch holds
   every prompt twice: rows ``0..B-1`` are the base branch (π1), rows ``B..2B-1`` the adapter branch
   (Q̂). During each forward every LoRA ``Linear`` computes ``base_layer(x)`` for all rows and adds
-  ``lora_B(lora_A(x)) · scaling`` to the adapter rows only (:class:`split_rows`), so the base
+  ``lora_B(lora_A(x)) · scaling`` to the adapter rows only (:class:`SplitRows`), so the base
   weights are read once per step for both branches. Every row computes exactly what it would
   compute alone: in a decoder nothing mixes batch rows (attention, norms and MLPs are per row, the
-  KV cache is per row), and the per-row operations are PEFT's own. Layers :class:`split_rows` does
+  KV cache is per row), and the per-row operations are PEFT's own. Layers :class:`SplitRows` does
   not handle (LoRA on embeddings, LoRA variants) use PEFT's mixed-adapter batch
   (``adapter_names=["__base__"]*B + [adapter]*B``), the same computation with more per-step
   overhead; where PEFT cannot mix either (DoRA, merged adapters) decoding falls back to the
@@ -36,6 +36,9 @@ disabled; identical to the base model's own ``generate()``); ``policy="adapter"`
 softmax(Q̂) (the adapter model's own ``generate()``), as does ``policy="customized"`` with α0 = 0,
 α̃ = 1; with an untrained adapter (Q̂ = base logits) ``"customized"`` is π1 sharpened by
 (1 + α0)/α̃, so α̃ = 1 + α0 recovers π1 exactly in distribution.
+
+Why one module of ~430 lines: the fast engine and the reference engine are the two halves of one
+exactness claim (same tokens), and the decoding loop they share; splitting them would spread it.
 """
 
 from __future__ import annotations
@@ -47,71 +50,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .backbone import (active_adapter, eos_token_ids, fast_plan, inner_model, is_peft, pad_token_id, projection_head,
+                       replaced_forward, SplitRows)
+from .chat import encode_prompt, normalize_prompts
 from .objective import customized_logits
 
 POLICIES = ("customized", "base", "adapter")
-
-# ----------------------------------------------------------------------------------------- prompts
-
-
-def _is_messages(obj) -> bool:
-    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(m, dict) for m in obj)
-
-
-def _is_ids(obj) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return obj.dim() == 1
-    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(t, int) for t in obj)
-
-
-def normalize_prompts(prompts) -> list:
-    """One prompt or a batch of them -> a list of prompts.
-
-    A prompt is a string (one user turn), a list of message dicts (a conversation), or a sequence
-    of token ids (used as is). A 2-D tensor is a batch of unpadded id rows.
-    """
-    if isinstance(prompts, str) or _is_messages(prompts) or _is_ids(prompts):
-        return [prompts]
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError(f"a tensor of prompt ids must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
-        return list(prompts)
-    if isinstance(prompts, (list, tuple)) and len(prompts) > 0:
-        for p in prompts:
-            if not (isinstance(p, str) or _is_messages(p) or _is_ids(p)):
-                raise TypeError(f"cannot read a prompt of type {type(p).__name__}: give a string, a list of "
-                                "message dicts or a list of token ids")
-        return list(prompts)
-    raise TypeError("prompts must be a string, a list of message dicts, token ids, or a non-empty list of these")
-
-
-def render_messages(tokenizer, messages) -> str:
-    """The chat template with the generation prompt; without a template, ``Role: content`` lines
-    ending in ``Assistant:`` (the same fallback as :mod:`qadapter.evaluation`)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return text if isinstance(text, str) else text[0]
-    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\nAssistant:"
-
-
-def encode_prompt(tokenizer, prompt, raw_text: bool = False) -> list[int]:
-    """Token ids of one prompt.
-
-    Token ids are used as they are; a list of message dicts is rendered with the chat template and
-    the generation prompt; a string is one user turn (with ``raw_text=True``: text tokenized as is,
-    without special tokens; with a tokenizer that has no chat template: plain text, with the
-    tokenizer's usual special tokens, e.g. BOS).
-    """
-    if _is_ids(prompt):
-        return [int(t) for t in prompt]
-    if isinstance(prompt, str):
-        if raw_text:
-            return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if not getattr(tokenizer, "chat_template", None):
-            return list(tokenizer(prompt)["input_ids"])
-        prompt = [{"role": "user", "content": prompt}]
-    return list(tokenizer(render_messages(tokenizer, prompt), add_special_tokens=False)["input_ids"])
-
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id rows to a (B, P) batch; returns (input_ids, attention_mask)."""
@@ -126,48 +70,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    if isinstance(x, torch.Tensor):
-        return [int(v) for v in x.reshape(-1).tolist()]
-    if isinstance(x, (list, tuple, set)):
-        return [int(v) for v in x]
-    return [int(x)]
-
-
-def eos_token_ids(model, tokenizer, override=None) -> list[int]:
-    """End-of-turn ids: ``override`` if given, else the union of the model's generation config's
-    ``eos_token_id`` (an int or a list) and the tokenizer's ``eos_token_id``."""
-    if override is not None:
-        return _as_list(override)
-    ids: list[int] = []
-    gen_cfg = getattr(_inner_model(model), "generation_config", None)
-    for source in (getattr(gen_cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        for t in _as_list(source):
-            if t not in ids:
-                ids.append(t)
-    return ids
-
-
-def _pad_id(model, tokenizer, eos: list[int]) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None),
-                      getattr(getattr(_inner_model(model), "generation_config", None), "pad_token_id", None)):
-        if candidate is not None:
-            return int(_as_list(candidate)[0])
-    return eos[0] if eos else 0
-
-
 # ----------------------------------------------------------------------------------------- models
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
-def _inner_model(model):
-    """The transformers model (with LoRA layers injected, for a PEFT model)."""
-    return model.get_base_model() if _is_peft(model) else model
 
 
 def _cache_kwarg(inner) -> str:
@@ -185,110 +88,7 @@ def _new_cache(inner):
         return DynamicCache()
 
 
-def _fast_plan(model, adapter: str):
-    """How the fast engine computes both branches in one batch.
-
-    ``("split", layers)`` when every LoRA layer of ``adapter`` is a plain (vanilla, unmerged) LoRA
-    ``Linear`` (then :class:`split_rows` applies the adapter to the adapter rows only);
-    ``("peft", None)`` (PEFT's mixed-adapter batch) for other layer types PEFT's mixed batch
-    supports (e.g. LoRA on embeddings, LoRA variants); ``("reference", None)`` where neither applies
-    (DoRA, merged adapters): then decoding falls back to the two-forward reference.
-    """
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover
-        return "reference", None
-    layers, plain = [], True
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if getattr(module, "use_dora", {}).get(adapter, False) or getattr(module, "merged", False):
-            return "reference", None
-        if "forward" in module.__dict__:  # someone (e.g. accelerate) already wraps this layer's forward
-            plain = False
-        if adapter in getattr(module, "lora_embedding_A", {}) or (
-                adapter in module.lora_A and (type(module) is not LoraLinear
-                                              or adapter in getattr(module, "lora_variant", {}))):
-            plain = False
-        elif adapter in module.lora_A:
-            layers.append(module)
-    return ("split", layers) if plain else ("peft", None)
-
-
-def _split_rows_forward(module, split: int, adapter: str):
-    """A forward for one LoRA ``Linear`` that applies the adapter to rows ``split:`` only.
-
-    Rows ``:split`` get ``base_layer(x)`` (what PEFT computes with the adapter disabled), rows
-    ``split:`` get ``base_layer(x) + lora_B(lora_A(x)) · scaling`` (what PEFT computes with it enabled;
-    dropout is the identity in eval mode). Same operations, operand shapes and dtype casts as
-    ``peft.tuners.lora.Linear.forward``, minus its per-call bookkeeping: this runs 2 × layers × tokens
-    times per generation, so it calls ``F.linear`` directly where the modules are plain ``nn.Linear``.
-    """
-    base_layer, lora_A, lora_B = module.base_layer, module.lora_A[adapter], module.lora_B[adapter]
-    scaling = module.scaling[adapter]
-    lora_dtype = lora_A.weight.dtype
-    plain = type(base_layer) is torch.nn.Linear and type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
-    if plain:
-        W, b, A, A_b, B_w, B_b = (base_layer.weight, base_layer.bias, lora_A.weight, lora_A.bias,
-                                  lora_B.weight, lora_B.bias)
-
-        def forward(x, *args, **kwargs):
-            result = F.linear(x, W, b)
-            rows = x[split:]
-            if rows.dtype != lora_dtype:
-                rows = rows.to(lora_dtype)
-            delta = F.linear(F.linear(rows, A, A_b), B_w, B_b) * scaling
-            result[split:] += delta.to(result.dtype)
-            return result
-    else:
-        def forward(x, *args, **kwargs):
-            result = base_layer(x, *args, **kwargs)
-            delta = lora_B(lora_A(x[split:].to(lora_dtype))) * scaling
-            result[split:] += delta.to(result.dtype)
-            return result
-
-    return forward
-
-
-@contextlib.contextmanager
-def _replaced_forward(module, forward):
-    """Within the block, ``module`` runs ``forward`` instead of its own (its module hooks still run)."""
-    module.forward = forward
-    try:
-        yield
-    finally:
-        del module.forward
-
-
-class split_rows:
-    """Context manager: within the block, every LoRA layer in ``layers`` applies ``adapter`` to batch
-    rows ``split:`` only (rows ``:split`` see the base model). Re-enterable; the per-layer forwards
-    are built once, so entering and leaving costs two dict operations per layer."""
-
-    def __init__(self, layers, split: int, adapter: str):
-        self.forwards = [(layer, _split_rows_forward(layer, split, adapter)) for layer in layers]
-
-    def __enter__(self):
-        try:
-            for layer, forward in self.forwards:
-                layer.forward = forward
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for layer, _ in self.forwards:
-            layer.__dict__.pop("forward", None)
-
-
 # ----------------------------------------------------------------------------------------- engines
-
-
-def _active_adapter(model) -> str:
-    active = model.active_adapter
-    return active if isinstance(active, str) else model.active_adapters[0]
 
 
 def _one_branch(policy: str, alpha_0: float, parameterization: str) -> bool:
@@ -299,9 +99,9 @@ def _one_branch(policy: str, alpha_0: float, parameterization: str) -> bool:
 
 def _fast_supported(model, policy: str, alpha_0: float, parameterization: str = "full") -> bool:
     """False only where both branches are needed and the adapter cannot share a batch (DoRA, merged)."""
-    if not _is_peft(model) or _one_branch(policy, alpha_0, parameterization):
+    if not is_peft(model) or _one_branch(policy, alpha_0, parameterization):
         return True
-    return _fast_plan(model, _active_adapter(model))[0] != "reference"
+    return fast_plan(model, active_adapter(model))[0] != "reference"
 
 
 class _Engine:
@@ -318,7 +118,7 @@ class _Engine:
     def __init__(self, model, policy: str, alpha_0: float, alpha_tilde: float, parameterization: str = "full",
                  q_scale: float = 1.0):
         self.model = model
-        self.inner = _inner_model(model)
+        self.inner = inner_model(model)
         self.cache_kw = _cache_kwarg(self.inner)
         self.policy, self.alpha_0, self.alpha_tilde = policy, alpha_0, alpha_tilde
         self.parameterization, self.q_scale = parameterization, q_scale
@@ -361,7 +161,7 @@ class _FastEngine(_Engine):
     def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0):
         super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale)
         self.B = batch_size
-        peft = _is_peft(model)
+        peft = is_peft(model)
         if policy == "base" or not peft:
             self.branches = ("base",)
         elif _one_branch(policy, alpha_0, parameterization):
@@ -376,12 +176,12 @@ class _FastEngine(_Engine):
         if peft and self.branches == ("base",):
             self._stack.enter_context(model.disable_adapter())
         elif self.two:
-            adapter = _active_adapter(model)
-            plan, layers = _fast_plan(model, adapter)
+            adapter = active_adapter(model)
+            plan, layers = fast_plan(model, adapter)
             if plan == "peft":  # PEFT's own mixed-adapter batch
                 self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
             else:
-                self.context = split_rows(layers, self.B, adapter)
+                self.context = SplitRows(layers, self.B, adapter)
         self.mixed_head = self._mixed_head() if self.two and policy == "customized" else None
 
     def _mixed_head(self):
@@ -397,9 +197,7 @@ class _FastEngine(_Engine):
         hooks or logit post-processing, or where a caller replaced :meth:`compose` (it wants the raw
         logits of both branches).
         """
-        from .scoring import _projection_head
-
-        head = _projection_head(self.model)
+        head = projection_head(self.model)
         if head is None:
             return None
         parameterization, q_scale = getattr(self, "parameterization", "full"), getattr(self, "q_scale", 1.0)
@@ -419,7 +217,7 @@ class _FastEngine(_Engine):
     def _forward(self, ids, mask, positions):
         kwargs = {self.cache_kw: self.cache}
         mixed = self.mixed_head if "compose" not in vars(self) else None
-        head = contextlib.nullcontext() if mixed is None else _replaced_forward(*mixed)
+        head = contextlib.nullcontext() if mixed is None else replaced_forward(*mixed)
         if self.adapter_names is not None:
             with head:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -456,7 +254,7 @@ class _ReferenceEngine(_Engine):
 
     def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0):
         super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale)
-        self.peft = _is_peft(model)
+        self.peft = is_peft(model)
         self.need_q = policy != "base"
         self.need_base = policy != "adapter"
         self.cache_q, self.cache_base = _new_cache(self.inner), _new_cache(self.inner)
@@ -555,16 +353,16 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
         raise ValueError(f"alpha_tilde must be > 0, got {alpha_tilde}")
     if do_sample and (temperature is None or temperature <= 0):
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not _is_peft(model) and policy != "base":
+    if not is_peft(model) and policy != "base":
         raise ValueError(f"policy={policy!r} needs a peft.PeftModel (got {type(model).__name__}); use policy='base'")
     if max_new_tokens < 0 or min_new_tokens < 0:
         raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
 
     prompt_list = normalize_prompts(prompts)
-    inner = _inner_model(model)
+    inner = inner_model(model)
     device = next(inner.parameters()).device
     eos = eos_token_ids(model, tokenizer, eos_token_id)
-    pad_id = _pad_id(model, tokenizer, eos)
+    pad_id = pad_token_id(tokenizer, model, eos)
     rows = [encode_prompt(tokenizer, p, raw_text) for p in prompt_list]
     input_ids, attention_mask = left_pad(rows, pad_id, device)
     B, P = input_ids.shape

@@ -1,6 +1,6 @@
 """Plots people would rather look at than read: training curves (``qadapter train``, ``qadapter compare``).
 
-The trade-off plot of a comparison lives with the comparison (:mod:`qadapter.compare`).
+The trade-off plot of a comparison lives with the comparison (:mod:`qadapter.recipes.compare.report`).
 """
 
 from __future__ import annotations

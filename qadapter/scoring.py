@@ -2,14 +2,14 @@
 number of decoding settings, from ONE forward per batch.
 
 Everything that scores text goes through :func:`score` (``QAdapter.score``, the main job's
-``pipeline.pair_log_likelihoods``, and through :mod:`qadapter.evaluation.scoring` the MMLU / ARC /
+``recipes.train.pair_log_likelihoods``, and through :mod:`qadapter.evaluation.scoring` the MMLU / ARC /
 lm-eval log-likelihoods, preference accuracy and margins, and the KL from the base). It does what
 the plain scorer (two passes, every position projected to the whole vocabulary) does, more cheaply:
 
 * **both branches in one forward**: the batch holds every row twice, rows ``:R`` the base branch
   (adapter disabled, z1), rows ``R:`` the adapter branch (zθ), and every LoRA ``Linear`` applies the
-  adapter to the adapter rows only (:class:`qadapter.generation.split_rows`, as the fast decoder
-  does), so the base weights are read once for both. Adapters :class:`split_rows` does not handle
+  adapter to the adapter rows only (:class:`qadapter.generation.SplitRows`, as the fast decoder
+  does), so the base weights are read once for both. Adapters :class:`SplitRows` does not handle
   use PEFT's mixed-adapter batch; those PEFT cannot mix (DoRA, merged) get two passes. A plain
   (non-PEFT) model, or a request for one branch only, runs one branch.
 * **the prompt computed once** for all continuations that share it (the chosen and rejected
@@ -33,6 +33,10 @@ Per request it returns the summed log-probability under each requested policy, o
 whether greedy decoding would produce the continuation, and the summed per-token
 KL(π‖π1) (or KL(π1‖π)) over the scored states. ``tests/test_scoring.py`` checks all of it against
 the plain two-pass full-vocabulary scorer.
+
+Why one module of ~440 lines: the batch layout, the one-forward plan and the per-policy readout
+are one algorithm whose parts share private tensors; :mod:`qadapter.backbone` holds what is shared
+with the decoder and the trainer.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .modeling import attention_kind, text_config
+from .backbone import (active_adapter, attention_kind, fast_plan, inner_model, is_peft, projection_head, replaced_forward,
+                       SplitRows)
 from .objective import composed_logits, q_values
 
 __all__ = ["Scores", "score", "policy_specs", "KL_DIRECTIONS"]
@@ -118,54 +123,15 @@ def _need_settings(settings):
 # --------------------------------------------------------------------------------- the model
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
-def _inner(model):
-    return model.get_base_model() if _is_peft(model) else model
-
-
-def _text_config(model):
-    return text_config(_inner(model))
-
-
-_attention_kind = attention_kind
-
-
-def _projection_head(model):
-    """The output embedding when projecting gathered hidden states with it computes exactly what
-    the model's logits are (a plain, unhooked ``nn.Linear``, no logit post-processing), else None."""
-    from .trainer.qadapter_trainer import _LOGIT_POSTPROCESSING
-
-    inner = _inner(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or "forward" in head.__dict__ or head.weight.device.type == "meta":
-        return None
-    if head._forward_hooks or head._forward_pre_hooks:
-        return None
-    text = _text_config(model)
-    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
-        return None
-    return head
-
-
-@contextlib.contextmanager
 def _identity_head(head):
-    if head is None:
-        yield
-        return
-    head.forward = lambda hidden: hidden
-    try:
-        yield
-    finally:
-        del head.forward
+    """Within the block the head returns the hidden states it is given (None: no head, no change)."""
+    return contextlib.nullcontext() if head is None else replaced_forward(head, lambda hidden: hidden)
 
 
 def _plan(model, need: set[str], one_forward: bool):
     """How to compute the needed branches: (kind, extra), kind one of ``plain`` (a non-PEFT model),
     ``base`` / ``adapter`` (one branch), ``split`` / ``mixed`` (both in one forward), ``two``."""
-    if not _is_peft(model):
+    if not is_peft(model):
         return "plain", None
     if need == {"base"}:
         return "base", None
@@ -173,10 +139,9 @@ def _plan(model, need: set[str], one_forward: bool):
         return "adapter", None
     if not one_forward:
         return "two", None
-    from .generation import _active_adapter, _fast_plan
 
-    adapter = _active_adapter(model)
-    plan, layers = _fast_plan(model, adapter)
+    adapter = active_adapter(model)
+    plan, layers = fast_plan(model, adapter)
     if plan == "split":
         return "split", (layers, adapter)
     if plan == "peft":
@@ -205,11 +170,9 @@ def _run(model, plan, kwargs: dict, head) -> dict[str, torch.Tensor]:
         doubled = {k: (v.repeat(2, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and k != "logits_to_keep" else v)
                    for k, v in kwargs.items()}
         if kind == "split":
-            from .generation import split_rows
-
             layers, adapter = extra
-            with split_rows(layers, rows, adapter):
-                out = _inner(model)(**doubled).logits
+            with SplitRows(layers, rows, adapter):
+                out = inner_model(model)(**doubled).logits
         else:  # PEFT's mixed-adapter batch
             out = model(**doubled, adapter_names=["__base__"] * rows + [extra] * rows).logits
         return {"base": out[:rows], "adapter": out[rows:]}
@@ -364,36 +327,36 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
     if kl is not None and kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be one of {KL_DIRECTIONS} or None, got {kl!r}")
     customized = any(s[0] == "customized" for s in specs.values())
-    if customized and not _is_peft(model):
+    if customized and not is_peft(model):
         raise ValueError("a customized policy needs a PEFT model (the adapter on and off)")
     need: set[str] = set()
     for spec in specs.values():
         need |= {"base", "adapter"} if spec[0] == "customized" else {spec[0]}
     if kl is not None and reference is None:
         need.add("base")
-    if not _is_peft(model):
+    if not is_peft(model):
         need = {"base"}  # one branch: the model itself
     plan = _plan(model, need, one_forward)
-    head = _projection_head(model)
+    head = projection_head(model)
     models = [model]
     ref_plan = ref_head = None
     if reference is not None:
         ref_model, ref_branch = reference
         if ref_branch not in ("base", "adapter"):
             raise ValueError(f"reference branch must be 'base' or 'adapter', got {ref_branch!r}")
-        ref_plan = _plan(ref_model, {ref_branch} if _is_peft(ref_model) else {"base"}, one_forward)
-        ref_head = _projection_head(ref_model)
+        ref_plan = _plan(ref_model, {ref_branch} if is_peft(ref_model) else {"base"}, one_forward)
+        ref_head = projection_head(ref_model)
         models.append(ref_model)
 
     requests = list(requests)
     groups = _prepare(requests, max_length, share_prompt, allow_empty)
     longest = max((len(g[0]) + sum(len(c) - 1 for _, c in g[1]) for g in groups), default=0)
-    kinds = [_attention_kind(m, longest) for m in models]
+    kinds = [attention_kind(m, longest) for m in models]
     if share_prompt and any(k is None for k in kinds) and any(len(g[1]) > 1 for g in groups):
         groups = _prepare(requests, max_length, False, allow_empty)  # no 4D masks: one row per request
     kind = "eager" if "eager" in kinds else "sdpa"
     device = next(model.parameters()).device
-    dtype = next(_inner(model).parameters()).dtype
+    dtype = next(inner_model(model).parameters()).dtype
 
     n = len(requests)
     sums = {name: torch.zeros(n, dtype=torch.float64) for name in specs}
@@ -416,7 +379,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
             if reference is not None:
                 ref_model, ref_branch = reference
                 ref_out = _states(ref_model, ref_plan, _moved(batch, ref_model), ref_head)
-                ref_states = ref_out[ref_branch if _is_peft(ref_model) else "base"]
+                ref_states = ref_out[ref_branch if is_peft(ref_model) else "base"]
             owner = batch.owner.cpu()
             n_tokens.index_add_(0, owner, torch.ones_like(owner))
             for start in range(0, batch.actions.shape[0], STATE_CHUNK):
@@ -436,7 +399,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
                     if spec[0] == "base":
                         lp = log_pi1
                     elif spec[0] == "adapter":
-                        lp = F.log_softmax(z["adapter"], dim=-1) if _is_peft(model) else log_pi1
+                        lp = F.log_softmax(z["adapter"], dim=-1) if is_peft(model) else log_pi1
                     else:
                         if q is None:
                             q = q_values(z["adapter"], z["base"], settings.parameterization, settings.q_scale)
@@ -471,7 +434,7 @@ def _moved(batch: _Batch, other_model) -> _Batch:
     moved = _Batch(**{k: v.to(device) for k, v in batch.__dict__.items()})
     mask = batch.attention_mask
     if mask.dim() == 4 and mask.dtype != torch.bool:
-        dtype = next(_inner(other_model).parameters()).dtype
+        dtype = next(inner_model(other_model).parameters()).dtype
         moved.attention_mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(
             mask.to(device) < 0, torch.finfo(dtype).min)
     return moved

@@ -17,7 +17,10 @@ later ones' residuals). At all s_g = 1 it telescopes to softmax(z_k): the networ
 one folder: ``qadapter_stack.json`` (the order, the ORIGINAL base's name and fingerprint) and one
 sub-folder per adapter, each a PEFT folder with its own ``qadapter_config.json``. Decoding runs all
 k+1 branches in one forward per token (:class:`StackFastEngine`: row group g gets the base plus the
-deltas of adapters 1..g, a generalization of :class:`qadapter.generation.split_rows`).
+deltas of adapters 1..g, a generalization of :class:`qadapter.generation.SplitRows`).
+
+Why one module of ~500 lines: a stack's folder format, its merge, its fast engine and its
+:class:`QAdapterStack` API change together (a new field touches all four).
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .generation import _Engine, _fast_plan, _new_cache, generate as _generate
-from .modeling import CONFIG_NAME, QAdapter, QAdapterSettings, base_fingerprint, causal_lm_logits, save_atomically
+from .backbone import base_fingerprint, causal_lm_logits, fast_plan
+from .generation import _Engine, _new_cache, generate as _generate
+from .modeling import QAdapter
+from .io import save_atomically
+from .settings import CONFIG_NAME, QAdapterSettings
 
 STACK_CONFIG = "qadapter_stack.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -145,16 +151,16 @@ def _check_base(spec: StackSpec, base_model, where) -> None:
 
 
 def _load_base(spec: StackSpec, base_model, tokenizer, torch_dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .embedded import resolve_model_path
+    from .embedded import load_model, load_tokenizer, resolve_model_path
 
     if base_model is None or isinstance(base_model, (str, os.PathLike)):
         given = base_model is not None
         path = resolve_model_path(str(base_model or spec.base_model_name_or_path))
-        base_model = AutoModelForCausalLM.from_pretrained(path, revision=None if given else spec.base_model_revision,
-                                                          dtype=torch_dtype or torch.float32)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(spec.tokenizer_dir or path)
+        base_model = load_model(path, revision=None if given else spec.base_model_revision,
+                                dtype=torch_dtype or torch.float32)
+        tokenizer = tokenizer or load_tokenizer(spec.tokenizer_dir or path)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir or base_model.name_or_path)
     return base_model, tokenizer
@@ -214,7 +220,7 @@ def save_extended(output_dir: str | os.PathLike, on: str | os.PathLike, write_ne
             names.append(_adapter_name(g))
             shutil.copytree(src, tmp / names[-1], ignore=shutil.ignore_patterns("report.json", "*.png", "split"))
             if not (tmp / names[-1] / CONFIG_NAME).is_file():  # a plain PEFT adapter: record what it is
-                (tmp / names[-1] / CONFIG_NAME).write_text(spec.settings[g].to_json(), encoding="utf-8")
+                spec.settings[g].save(tmp / names[-1])
         names.append(_adapter_name(len(spec.folders)))
         (tmp / names[-1]).mkdir()
         write_new(tmp / names[-1])
@@ -286,7 +292,7 @@ class QAdapterStack:
                 src = tmp / "_peft" / name if (tmp / "_peft" / name).is_dir() else tmp / "_peft"
                 shutil.move(str(src), str(tmp / folders[-1]))
                 shutil.rmtree(tmp / "_peft", ignore_errors=True)
-                (tmp / folders[-1] / CONFIG_NAME).write_text(settings.to_json(), encoding="utf-8")
+                settings.save(tmp / folders[-1])
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             _write_meta(tmp, folders, {"base_model_name_or_path": self.base_model_name_or_path,
@@ -388,7 +394,7 @@ def _stack_plan(stack: QAdapterStack):
     plain: then decoding uses the reference engine)."""
     layers = {}
     for name in stack.names:
-        plan, found = _fast_plan(stack.model, name)
+        plan, found = fast_plan(stack.model, name)
         if plan != "split":
             return None
         for module in found:

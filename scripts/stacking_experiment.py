@@ -161,7 +161,8 @@ def base_measurements(args, base, tokenizer):
 
 
 def run_step(args, step, domain, previous, split):
-    from qadapter.pipeline import JobArguments, run_training
+    from qadapter.recipes.config import JobArguments
+    from qadapter.recipes.train import run_training
     from qadapter.trainer import QAdapterConfig
 
     out_dir = Path(args.out) / args.method / f"{step}_{domain}"

@@ -68,7 +68,8 @@ def measure(peft_model, tokenizer, settings, tokenized, batch_size: int = 4) -> 
 
     from qadapter.modeling import QAdapter
     from qadapter.objective import taken
-    from qadapter.pipeline import implicit_reward_margins, preference_accuracy
+    from qadapter.evaluation.stats import preference_accuracy
+    from qadapter.recipes.train import implicit_reward_margins
     from qadapter.trainer import PreferencePairCollator
 
     qa = QAdapter(peft_model, tokenizer, settings)
@@ -103,7 +104,7 @@ def run_variant(name: str, args) -> dict:
 
     from qadapter.data import tokenize_pairs
     from qadapter.embedded import resolve_model_path
-    from qadapter.modeling import QAdapterSettings
+    from qadapter.settings import QAdapterSettings
     from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 
     method, overrides = VARIANTS[name]

@@ -44,7 +44,9 @@ def tiny_base(tok, seed: int = 0, endless: bool = False, context: int = 8192):
 def save_adapters(root, endless: bool = False, context: int = 8192) -> dict[str, str]:
     """A saved base model plus two adapters on it: ``tiny`` (residual, random LoRA) and ``tiny-full``
     (the authors' full parameterization). Returns {name: adapter folder}."""
-    from qadapter.modeling import QAdapter, QAdapterSettings, lora_config
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
+    from qadapter.backbone import lora_config
 
     tok = make_tiny_tokenizer()
     base_dir = root / "tiny-base"

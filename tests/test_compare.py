@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_llama
-from qadapter.compare import (DEFAULT_LIMITS, Comparison, parse_limits, run_comparison, tradeoff,
+from qadapter.recipes.compare import (DEFAULT_LIMITS, Comparison, parse_limits, run_comparison, tradeoff,
                               write_results)
 from qadapter.evaluation import EvalResult, make_metric
-from qadapter.pipeline import JobArguments
+from qadapter.recipes.config import JobArguments
 from qadapter.trainer import QAdapterConfig
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -141,8 +141,8 @@ def test_compare_trains_every_method_evaluates_every_policy_and_resumes(setup, m
     def fail(*args, **kwargs):
         raise AssertionError("must not run again")
 
-    monkeypatch.setattr("qadapter.pipeline.run_training", fail)
-    monkeypatch.setattr("qadapter.compare.train_reward_judge", fail)
+    monkeypatch.setattr("qadapter.recipes.train.run_training", fail)
+    monkeypatch.setattr("qadapter.trainer.reward_judge.train_reward_judge", fail)
     again = run_comparison(out, job, config, **comparison_kwargs(setup))
     assert again.trained == [] and again.computed == []
     assert stamps == {p: os.stat(p).st_mtime_ns for p in stamps}
@@ -256,7 +256,7 @@ def test_cli_passes_training_flags_through(tmp_path, monkeypatch, capsys):
         (tmp_path / "results.md").write_text("# fake results\n")
         return Comparison(tmp_path, kw["methods"], kw["benchmarks"], {}, paths={"md": tmp_path / "results.md"})
 
-    monkeypatch.setattr("qadapter.compare.run_comparison", fake)
+    monkeypatch.setattr("qadapter.recipes.compare.run_comparison", fake)
     argv = ["compare", "--output-dir", str(tmp_path / "cmp"), "--model", "my-model", "--data", "p.jsonl",
             "--methods", "qadapter,dpo", "--learning_rate", "0.01", "--max_steps", "3", "--lora_r", "4",
             "--seed", "5", "--eval-limit", "3,kl=2", "--benchmarks", "arc_easy,kl", "--train-judge",
@@ -278,7 +278,7 @@ def test_cli_passes_training_flags_through(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- the frontier
 def test_method_specs_parse_apply_and_name_their_errors():
     from qadapter.commands.compare import method_specs
-    from qadapter.compare import parse_method_spec
+    from qadapter.recipes.compare import parse_method_spec
 
     spec = parse_method_spec("dpo:beta=0.3")
     assert (spec.method, spec.params, spec.name, spec.folder) == ("dpo", (("beta", 0.3),), "dpo:beta=0.3", "dpo_beta=0.3")
@@ -309,7 +309,7 @@ def test_cli_frontier_flags_and_bad_spec(tmp_path, monkeypatch, capsys):
         (tmp_path / "results.md").write_text("# fake\n")
         return Comparison(tmp_path, [], [], {}, paths={"md": tmp_path / "results.md"})
 
-    monkeypatch.setattr("qadapter.compare.run_comparison", fake)
+    monkeypatch.setattr("qadapter.recipes.compare.run_comparison", fake)
     assert cli.main(["compare", "--output-dir", str(tmp_path), "--methods", "qadapter", "dpo:beta=0.1", "dpo:beta=1",
                      "sft:max_steps=20", "sft_kl:kl_weight=1", "--strengths", "0.25,0.5,1,2,4", "--max_steps", "3"]) == 0
     assert seen["methods"] == ["qadapter", "dpo:beta=0.1", "dpo:beta=1", "sft:max_steps=20", "sft_kl:kl_weight=1"]
@@ -407,7 +407,7 @@ def test_frontier_trains_each_spec_once_and_evaluates_every_strength_of_one_adap
     assert "--method sft_kl --kl_weight 0.5" in md and "--method sft --max_steps 3" in md
 
     # a rerun trains nothing and evaluates nothing; one more strength evaluates only that point
-    monkeypatch.setattr("qadapter.pipeline.run_training", lambda *a, **k: pytest.fail("must not train again"))
+    monkeypatch.setattr("qadapter.recipes.train.run_training", lambda *a, **k: pytest.fail("must not train again"))
     again = run_comparison(out, job, config, **kw)
     assert again.trained == [] and again.computed == []
     more = run_comparison(out, job, config, **{**kw, "strengths": strengths + [8]})

@@ -177,7 +177,8 @@ def test_load_policy_plain_and_peft(model_dir, tmp_path, tokenizer):
 
 
 def test_qadapter_satisfies_the_policy_interface(model_dir, tokenizer, tmp_path):
-    from qadapter.modeling import QAdapter, QAdapterSettings
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
 
     qa = QAdapter.create(tiny_model(tokenizer, 0), tokenizer, QAdapterSettings(base_model_name_or_path=str(model_dir)))
     base = base_policy(qa)
@@ -196,7 +197,8 @@ def test_qadapter_satisfies_the_policy_interface(model_dir, tokenizer, tmp_path)
 
 
 def test_qadapter_generates_through_the_evaluators(model_dir, tokenizer, tmp_path, monkeypatch):
-    from qadapter.modeling import QAdapter, QAdapterSettings
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
 
     # a fresh residual adapter at the default tied alphas is exactly the plain model: same greedy text
     qa = QAdapter.create(tiny_model(tokenizer, 0), tokenizer, QAdapterSettings(base_model_name_or_path=str(model_dir)))

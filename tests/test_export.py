@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
 from qadapter.export import export
-from qadapter.modeling import QAdapter, QAdapterSettings, causal_lm_logits, lora_config
+from qadapter.modeling import QAdapter
+from qadapter.settings import QAdapterSettings
+from qadapter.backbone import causal_lm_logits, lora_config
 from qadapter.stack import QAdapterStack, merge_into, save_extended
 
 

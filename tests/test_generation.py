@@ -14,8 +14,8 @@ import string
 import pytest
 import torch
 
+from qadapter.backbone import causal_lm_logits
 from qadapter.generation import generate
-from qadapter.modeling import causal_lm_logits
 from qadapter.objective import composed_logits, q_values
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -86,7 +86,8 @@ def model(tok):
 
 
 def encoded(tok, prompts):
-    from qadapter.generation import encode_prompt, left_pad
+    from qadapter.chat import encode_prompt
+    from qadapter.generation import left_pad
     return left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
 
 
@@ -153,7 +154,7 @@ def test_padded_row_equals_the_same_prompt_alone(model, tok):
 def test_other_lora_layers_fall_back_exactly(tok):
     """LoRA dropout: the row split handles it (identity in eval mode). LoRA on the embeddings: the hook does not handle it, PEFT's mixed-adapter batch does. DoRA: PEFT
     cannot mix it in a batch, so decoding falls back to the two-forward reference. Same tokens."""
-    from qadapter.generation import _fast_plan
+    from qadapter.backbone import fast_plan as _fast_plan
 
     kw = dict(alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=10, eos_token_id=[], return_ids=True)
     for lora_kwargs, plan in ((dict(lora_dropout=0.1), "split"),  # dropout: the identity when generating
@@ -369,7 +370,8 @@ def test_prompt_forms_and_outputs(model, tok):
 
 
 def test_qadapter_generate_uses_its_settings(model, tok):
-    from qadapter.modeling import QAdapter, QAdapterSettings
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
 
     qa = QAdapter(model, tok, QAdapterSettings(alpha_0=0.5, alpha_tilde=0.7, parameterization="full"))
     kw = dict(max_new_tokens=8, eos_token_id=[])
@@ -394,7 +396,9 @@ def test_qadapter_generate_uses_its_settings(model, tok):
 
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory, tok):
-    from qadapter.modeling import QAdapter, QAdapterSettings, base_fingerprint
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
+    from qadapter.backbone import base_fingerprint
 
     root = tmp_path_factory.mktemp("cli")
     model = tiny_model(tok)
@@ -476,7 +480,7 @@ def test_default_model_fast_equals_reference():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qadapter.embedded import default_model_path
-    from qadapter.modeling import lora_config
+    from qadapter.backbone import lora_config
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -8,7 +8,9 @@ import torch
 
 from conftest import make_tiny_tokenizer, tiny_llama
 from qadapter.data import PreferenceDataError, load_preference_pairs
-from qadapter.pipeline import JobArguments, format_report, run_training, wilson_interval
+from qadapter.evaluation.stats import wilson_interval
+from qadapter.recipes.config import JobArguments
+from qadapter.recipes.train import format_report, run_training
 from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 
 
@@ -175,7 +177,7 @@ def test_no_training_pairs_measured_when_train_eval_pairs_is_zero(tiny_model_dir
 
 
 def test_implicit_reward_margins_on_hand_made_log_likelihoods():
-    from qadapter.pipeline import implicit_reward_margins
+    from qadapter.recipes.train import implicit_reward_margins
 
     ll = {"base_chosen": [-10.0, -10.0, -10.0], "base_rejected": [-12.0, -8.0, -9.0],
           "custom_chosen": [-9.0, -10.0, -11.0], "custom_rejected": [-12.0, -8.0, -8.0]}

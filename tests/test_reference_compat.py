@@ -17,7 +17,7 @@ from conftest import max_relative_grad_error, randomize_lora, tiny_llama
 from test_trainer import PAIRS
 from peft import get_peft_model
 
-from qadapter.modeling import causal_lm_logits, lora_config
+from qadapter.backbone import causal_lm_logits, lora_config
 from qadapter.objective import implied_rewards, preference_loss, reference_compat_loss, soft_values, taken
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, qadapter_step
 
@@ -145,7 +145,7 @@ def test_compat_step_equals_authors_loss_and_gradients(tmp_path, knobs, dtype, g
 
 
 def test_cli_flag_sets_reference_compat():
-    from qadapter.commands.train import parse
+    from qadapter.recipes.config import parse_train_args as parse
 
     assert parse(["--reference_compat"])[1].reference_compat is True
     assert parse([])[1].reference_compat is False

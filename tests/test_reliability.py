@@ -23,7 +23,8 @@ from qadapter import cli
 from qadapter.data import PreferenceDataError, load_preference_pairs
 from qadapter.errors import ConfigError, SaveError, UserError
 from qadapter.integrity import MANIFEST_NAME, NonFiniteError
-from qadapter.modeling import QAdapter, QAdapterSettings
+from qadapter.modeling import QAdapter
+from qadapter.settings import QAdapterSettings
 from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,9 @@ from peft import get_peft_model
 
 from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
 from test_trainer import PAIRS
-from qadapter.modeling import QAdapter, QAdapterSettings, lora_config
+from qadapter.modeling import QAdapter
+from qadapter.settings import QAdapterSettings
+from qadapter.backbone import lora_config
 from qadapter.objective import (implied_rewards, length_normalizers, preference_loss, q_values, soft_values, taken)
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, QAdapterTrainer, qadapter_step
 
@@ -161,7 +163,7 @@ def synthetic_pairs(n, seed, prompt_words=range(20, 40)):
 
 
 def test_a_short_run_moves_held_out_margins_toward_the_chosen_answers(tmp_path):
-    from qadapter.pipeline import implicit_reward_margins, pair_log_likelihoods
+    from qadapter.recipes.train import implicit_reward_margins, pair_log_likelihoods
 
     tok = make_tiny_tokenizer()
     train = synthetic_pairs(32, seed=0)

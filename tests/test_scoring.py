@@ -11,7 +11,8 @@ from conftest import randomize_lora, tiny_llama
 from peft import get_peft_model
 
 from qadapter import scoring
-from qadapter.modeling import QAdapterSettings, lora_config, position_ids_from_mask
+from qadapter.settings import QAdapterSettings
+from qadapter.backbone import lora_config, position_ids_from_mask
 from qadapter.objective import customized_logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -251,7 +252,7 @@ def test_full_parameterization_refuses_strengths():
 def test_pair_log_likelihoods_and_qadapter_score_use_it(parameterization, tiny_tokenizer):
     """The main job's pair scorer and QAdapter.score give the plain scorer's numbers."""
     from qadapter.modeling import QAdapter
-    from qadapter.pipeline import pair_log_likelihoods
+    from qadapter.recipes.train import pair_log_likelihoods
 
     model = peft_model()
     settings = QAdapterSettings(parameterization=parameterization, alpha_tilde=0.9)

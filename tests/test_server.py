@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn")
 
 from server_testing import one_torch_thread, running_server, save_adapters, wait_for  # noqa: E402,F401
 
-from qadapter.generation import encode_prompt  # noqa: E402
+from qadapter.chat import encode_prompt  # noqa: E402
 
 USER = [{"role": "user", "content": "w1 w2 w3"}]
 

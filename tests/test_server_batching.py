@@ -13,7 +13,7 @@ import pytest
 
 from server_testing import one_torch_thread, save_adapters  # noqa: F401
 
-from qadapter.generation import encode_prompt
+from qadapter.chat import encode_prompt
 from qadapter.server.batching import BatchDecoder, QueueFull, Row, Scheduler, Unavailable, _Text
 
 

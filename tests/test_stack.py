@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
-from qadapter.modeling import QAdapter, QAdapterSettings, causal_lm_logits, lora_config
+from qadapter.modeling import QAdapter
+from qadapter.settings import QAdapterSettings
+from qadapter.backbone import causal_lm_logits, lora_config
 from qadapter.stack import (STACK_CONFIG, QAdapterStack, StackFastEngine, StackReferenceEngine, merge_into,
                             read_stack, save_extended, stack_logits)
 
@@ -175,7 +177,8 @@ def test_run_training_on_an_adapter_saves_a_stack(two_level, tmp_path):
     """`qadapter train --on DIR` (the Python API's JobArguments.on): trains the next level on the
     merged network and saves the earlier adapters plus the new one as one stack folder."""
     from qadapter.evaluation import load_policy
-    from qadapter.pipeline import JobArguments, run_training
+    from qadapter.recipes.config import JobArguments
+    from qadapter.recipes.train import run_training
     from qadapter.trainer import QAdapterConfig
 
     model_dir = tmp_path / "tiny-model"
@@ -198,5 +201,5 @@ def test_run_training_on_an_adapter_saves_a_stack(two_level, tmp_path):
     assert report["steps"] == 2
     # the third adapter's π1 was the two-adapter stack: its recorded training base is their merge
     merged, _ = merge_into(copy.deepcopy(two_level["base"]), two_level["dir"])
-    from qadapter.modeling import base_fingerprint
+    from qadapter.backbone import base_fingerprint
     assert spec.settings[2].base_fingerprint == base_fingerprint(merged)

@@ -17,7 +17,7 @@ from peft import get_peft_model
 import qadapter.trainer.qadapter_trainer as qt
 from conftest import make_tiny_tokenizer, max_relative_grad_error, randomize_lora, tiny_llama
 from test_trainer import PAIRS
-from qadapter.modeling import causal_lm_logits, lora_config
+from qadapter.backbone import causal_lm_logits, lora_config
 from qadapter.objective import q_values, soft_values, taken
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, QAdapterTrainer, qadapter_step
 

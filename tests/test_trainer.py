@@ -10,7 +10,9 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
-from qadapter.modeling import QAdapter, QAdapterSettings, lora_config
+from qadapter.modeling import QAdapter
+from qadapter.settings import QAdapterSettings
+from qadapter.backbone import lora_config
 from qadapter.objective import composed_logits
 from qadapter.trainer import PreferencePairCollator, QAdapterConfig, QAdapterTrainer, qadapter_step
 

@@ -23,16 +23,6 @@ HELP = ("train Q-Adapter and the SFT / Replay / DPO / SFT+KL baselines on one da
         "preference: one point per method, or a frontier (Q-Adapter strengths, DPO betas, budgets)")
 
 
-class _TrainFlagsParser(argparse.ArgumentParser):
-    """Keeps the flags it does not know in ``args.train_flags`` (for ``qadapter train``'s parser)
-    instead of failing on them."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        namespace.train_flags = list(getattr(namespace, "train_flags", None) or []) + list(extras)
-        return namespace, []
-
-
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -58,9 +48,8 @@ def _strengths(text: str) -> list[float]:
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..compare import BENCHMARKS, DEFAULT_LIMITS, METHOD_REGISTRY, METHODS
+    from ..recipes.compare import BENCHMARKS, DEFAULT_LIMITS, METHOD_REGISTRY, METHODS
 
-    parser.__class__ = _TrainFlagsParser
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
                         help="the comparison folder: one subfolder per method, eval/ (cached results), results.md, "
                              "results.csv, tradeoff.png. Rerunning reuses what is there.")
@@ -105,7 +94,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="benchmark files in the shipped layout (default: the copy shipped with qadapter)")
     parser.add_argument("--device", default=None, help="evaluation device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.set_defaults(func=run, train_flags=[])
+    # every flag compare does not know is a `qadapter train` flag: the CLI hands them over as train_flags
+    parser.set_defaults(func=run, train_flags=[], takes_train_flags=True)
     return parser
 
 
@@ -139,8 +129,8 @@ def _canonical_command(args, train_argv: list[str]) -> str:
 
 
 def run(args) -> int:
-    from ..compare import run_comparison
-    from .train import parse
+    from ..recipes.compare import run_comparison
+    from ..recipes.config import parse_train_args as parse
 
     train_argv = []
     for flag in ("data", "model", "preset"):
@@ -151,7 +141,7 @@ def run(args) -> int:
         if any(a == flag or a.startswith(flag + "=") for a in args.train_flags):
             print(f"qadapter compare: {flag} is set by compare itself (use --methods / --output-dir)", file=sys.stderr)
             return 2
-    from ..compare import parse_method_spec
+    from ..recipes.compare import parse_method_spec
 
     try:
         methods = [parse_method_spec(m).name for m in method_specs(args.methods)]
@@ -174,7 +164,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = configure(argparse.ArgumentParser(prog="qadapter compare", description=HELP + ".", allow_abbrev=False))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args, args.train_flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return run(args)
 
 

@@ -21,6 +21,10 @@ or a ``.json`` file that is not one JSON array), the **0-based index** for a JSO
 ``.parquet`` file, a ``datasets.Dataset`` or a list. Error messages say "line N" or "row N"
 accordingly. ``source`` is the file name, ``"<dataset>"`` or ``"<list>"``; an existing
 ``row``/``source`` column in the input is replaced.
+
+Why one module of ~450 lines: every accepted input format (TRL's conversational and standard
+pairs, HH's transcripts, UltraFeedback's scored completions) and its row-level error messages
+are read by one normalizer; each format is one short function.
 """
 
 from __future__ import annotations

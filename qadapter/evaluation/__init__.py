@@ -9,10 +9,11 @@ samples). See docs/evaluation.md. The lm-evaluation-harness model lives in
 """
 
 from .benchmarks import (DATA_DIR, MCItem, bbh_tasks, load_arc, load_bbh, load_bbh_cot_prompt, load_general_prompts,
-                         load_gsm8k, load_mmlu, load_preference_pairs, mmlu_subjects)
+                         load_gsm8k, load_mmlu, mmlu_subjects)
 from .divergence import kl_from_base, token_kl
 from .judges import ConstantJudge, Judge, RewardModelJudge, judge_many
-from .policy import HFPolicy, Policy, QAdapterBaseView, base_policy, load_policy, render_chat
+from ..chat import render_chat
+from .policy import HFPolicy, Policy, QAdapterBaseView, base_policy, load_policy
 from .preference import evaluate_preferences, split_pair, win_rate
 from .scoring import continuation_logprobs, generate_texts
 from .stats import EvalResult, Metric, bootstrap_ci, make_metric, subsample
@@ -28,7 +29,7 @@ __all__ = [
     "continuation_logprobs", "generate_texts",
     # data
     "DATA_DIR", "MCItem", "load_mmlu", "mmlu_subjects", "load_arc", "load_gsm8k", "load_bbh", "load_bbh_cot_prompt",
-    "bbh_tasks", "load_general_prompts", "load_preference_pairs",
+    "bbh_tasks", "load_general_prompts",
     # retention
     "multiple_choice_accuracy", "evaluate_mmlu", "evaluate_arc", "evaluate_gsm8k", "evaluate_bbh",
     "extract_gsm8k_answer", "gsm8k_target", "extract_bbh_answer", "bbh_match", "GSM8K_COT_EXEMPLARS",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["DATA_DIR", "MCItem", "load_mmlu", "mmlu_subjects", "load_arc", "load_gsm8k", "load_bbh",
-           "load_bbh_cot_prompt", "bbh_tasks", "load_general_prompts", "load_preference_pairs"]
+           "load_bbh_cot_prompt", "bbh_tasks", "load_general_prompts"]
 
 #: the benchmark files shipped with the package
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -155,7 +155,3 @@ def load_general_prompts(data_dir=None) -> list[str]:
     return [r["chosen"][0]["content"] for r in rows]
 
 
-def load_preference_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Preference pairs from a JSONL file, in TRL's conversational format (``{"chosen": [messages],
-    "rejected": [messages]}``) or its standard format (``{"prompt", "chosen", "rejected"}``)."""
-    return _jsonl(Path(path))

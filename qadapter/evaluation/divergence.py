@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .benchmarks import load_general_prompts
-from ..generation import encode_prompt, left_pad
+from ..chat import as_messages, encode_prompt
+from ..generation import left_pad
 from .policy import call_logits, encode, pad_token_id
 from ..scoring import score
 from .scoring import _shared, generate_texts, scorer_source
@@ -40,10 +41,6 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     lp = torch.log_softmax(logits_p.float(), dim=-1)
     lq = torch.log_softmax(logits_q.float(), dim=-1)
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
-
-
-def _as_messages(prompt) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 @torch.no_grad()
@@ -68,7 +65,7 @@ def kl_from_base(policy, base, *, prompts: Sequence[Any] | None = None, response
         if responses is not None:
             raise ValueError("limit subsamples the prompts: give it without responses (or pass matching subsets)")
         prompts = subsample(prompts, limit, seed)
-    prompts = [_as_messages(p) for p in prompts]
+    prompts = [as_messages(p) for p in prompts]
     if responses is None:
         responses = generate_texts(base, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    progress=progress, desc="base answers")

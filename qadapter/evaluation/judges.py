@@ -7,7 +7,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .policy import render_chat
+from ..backbone import pad_token_id
+from ..chat import as_messages, render_chat
 
 __all__ = ["Judge", "ConstantJudge", "RewardModelJudge", "judge_many"]
 
@@ -76,13 +77,13 @@ class RewardModelJudge:
         self.model, self.tokenizer = model, tokenizer
         self.soft, self.temperature, self.label_index = soft, temperature, label_index
         self.max_length, self.batch_size = max_length, batch_size
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad
         self._pad = pad if pad is not None else 0
 
     def _text(self, prompt, answer: str) -> str:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = as_messages(prompt)
         return render_chat(self.tokenizer, messages + [{"role": "assistant", "content": answer}],
                            add_generation_prompt=False)
 

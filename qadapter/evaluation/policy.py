@@ -28,9 +28,11 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..generation import encode_prompt, left_pad, render_messages
+from ..backbone import pad_token_id
+from ..chat import encode_prompt
+from ..generation import left_pad
 
-__all__ = ["Policy", "HFPolicy", "QAdapterBaseView", "base_policy", "load_policy", "render_chat", "encode",
+__all__ = ["Policy", "HFPolicy", "QAdapterBaseView", "base_policy", "load_policy", "encode",
            "cut_at_stop", "call_logits"]
 
 
@@ -49,18 +51,6 @@ class Policy(Protocol):
                  **kwargs) -> list[str]: ...
 
 
-# --------------------------------------------------------------------------- text helpers
-def render_chat(tokenizer, messages, *, add_generation_prompt: bool) -> str:
-    """The chat template as text (:func:`qadapter.generation.render_messages` with the generation
-    prompt); without a template, ``Role: content`` lines (ending in ``Assistant:`` with the prompt)."""
-    if add_generation_prompt:
-        return render_messages(tokenizer, messages)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
-        return text if isinstance(text, str) else text[0]
-    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (the text carries its own, e.g. from a template)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -75,13 +65,6 @@ def cut_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
             if found != -1:
                 cut = min(cut, found)
     return text[:cut]
-
-
-def pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 _ACCEPTS_POSITIONS: dict[type, bool] = {}
@@ -142,7 +125,7 @@ class HFPolicy:
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
-        from ..modeling import causal_lm_logits
+        from ..backbone import causal_lm_logits
 
         with self._context():
             return causal_lm_logits(self.model, input_ids, attention_mask, positions)
@@ -238,10 +221,11 @@ def load_policy(path_or_name: str | os.PathLike, *, base_model: str | None = Non
       over ``PeftModel`` on its base (``base_model`` or the adapter's ``base_model_name_or_path``);
     * anything else (a model folder, a hub id, ``"embedded"``) → :class:`HFPolicy` over the model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from ..embedded import resolve_model_path
-    from ..modeling import CONFIG_NAME, QAdapter
+    from ..embedded import load_model, load_tokenizer, resolve_model_path
+    from ..modeling import QAdapter
+    from ..settings import CONFIG_NAME
 
     torch_dtype = _dtype(dtype)
     path = Path(str(path_or_name))
@@ -270,15 +254,15 @@ def load_policy(path_or_name: str | os.PathLike, *, base_model: str | None = Non
 
         config = PeftConfig.from_pretrained(str(path))
         base_path = resolve_model_path(base_model or config.base_model_name_or_path)
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
+        base = load_model(base_path, dtype=torch_dtype)
         tok_source = path if (path / "tokenizer_config.json").is_file() else base_path
         tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
         model = PeftModel.from_pretrained(base, str(path))
         name = str(path)
     else:
         model_path = resolve_model_path(str(path_or_name))
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = load_model(model_path, dtype=torch_dtype)
+        tokenizer = load_tokenizer(model_path)
         name = str(path_or_name)
     if device:
         model.to(device)

@@ -8,9 +8,10 @@ import numpy as np
 
 from .benchmarks import load_general_prompts
 from .judges import judge_many
-from .policy import encode, render_chat
+from ..chat import as_messages, render_chat
+from .policy import encode
 from .scoring import generate_texts, policies_logprobs
-from .stats import EvalResult, make_metric, subsample
+from .stats import EvalResult, make_metric, subsample, ties_half
 
 __all__ = ["evaluate_preferences", "win_rate", "split_pair", "encode_prompt_response"]
 
@@ -22,7 +23,7 @@ def split_pair(row: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
     chosen, rejected = row["chosen"], row["rejected"]
     if "prompt" in row:
         prompt = row["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        prompt = as_messages(prompt)
         def last(x):
             return x if isinstance(x, str) else x[-1]["content"]
         return prompt, last(chosen), last(rejected)
@@ -45,10 +46,6 @@ def encode_prompt_response(tokenizer, prompt: Sequence[dict[str, str]], response
     if full_text.startswith(prompt_text):
         return prompt_ids, encode(tokenizer, full_text[len(prompt_text):])
     raise ValueError("the chat template does not render the conversation as prompt + response")
-
-
-def _ties_half(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, 1.0, np.where(x < 0, 0.0, 0.5))
 
 
 def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit: int | None = None, seed: int = 0,
@@ -81,9 +78,9 @@ def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit
     lp = np.asarray([s for s, _ in scored[0]]).reshape(-1, 2)
     lb = lp if base is policy else np.asarray([s for s, _ in scored[1]]).reshape(-1, 2)
     margin = (lp[:, 0] - lb[:, 0]) - (lp[:, 1] - lb[:, 1])
-    likelihood = _ties_half(lp[:, 0] - lp[:, 1])
-    margin_acc = _ties_half(margin)
-    base_likelihood = _ties_half(lb[:, 0] - lb[:, 1])
+    likelihood = ties_half(lp[:, 0] - lp[:, 1])
+    margin_acc = ties_half(margin)
+    base_likelihood = ties_half(lb[:, 0] - lb[:, 1])
     metrics = {"margin_accuracy": make_metric(margin_acc, n_boot, seed),
                "likelihood_accuracy": make_metric(likelihood, n_boot, seed),
                "mean_margin": make_metric(margin, n_boot, seed),
@@ -118,7 +115,7 @@ def win_rate(policy, base, judge, *, prompts: Sequence[Any] | None = None, limit
         if policy_answers is not None or base_answers is not None:
             raise ValueError("limit subsamples the prompts: give it without pre-computed answers")
         prompts = subsample(prompts, limit, seed)
-    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    prompts = [as_messages(p) for p in prompts]
     if policy_answers is None:
         policy_answers = generate_texts(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         progress=progress, desc=f"{task}: policy answers")

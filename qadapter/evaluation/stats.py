@@ -14,6 +14,21 @@ import numpy as np
 __all__ = ["bootstrap_ci", "Metric", "EvalResult", "make_metric", "subsample"]
 
 
+def bootstrap_means(x: np.ndarray, n_boot: int, rng) -> np.ndarray:
+    """``n_boot`` means of ``x`` resampled with replacement (drawn from ``rng``), in blocks that bound memory."""
+    out = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, min(n_boot, 2_000_000 // max(1, x.size)))
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        out[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
+    return out
+
+
+def ties_half(x: np.ndarray) -> np.ndarray:
+    """1 where x > 0, 0 where x < 0, 0.5 at a tie: a pairwise win with ties counted half."""
+    return np.where(x > 0, 1.0, np.where(x < 0, 0.0, 0.5))
+
+
 def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, *,
                  confidence: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval (95% by default) of the mean of ``values``: the items are
@@ -25,13 +40,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, *,
         return (math.nan, math.nan)
     if np.all(x == x[0]):
         return (float(x[0]), float(x[0]))
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, min(n_boot, 2_000_000 // x.size))  # bound the memory of one resample block
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        sample = x[rng.integers(0, x.size, size=(stop - start, x.size))]
-        stats[start:stop] = sample.mean(axis=1)
+    stats = bootstrap_means(x, n_boot, np.random.default_rng(seed))
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(stats, [tail, 1.0 - tail])
     return (float(low), float(high))
@@ -115,3 +124,21 @@ def subsample(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[An
         raise ValueError(f"limit must be >= 0, got {limit}")
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at small n and near 0 or 1)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """Fraction of pairs whose chosen response is more likely (ties count half), with a 95% interval."""
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    n = len(chosen)
+    low, high = wilson_interval(wins, n)
+    return {"accuracy": wins / n if n else float("nan"), "n": n, "ci_low": low, "ci_high": high}

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from .benchmarks import MCItem, load_arc, load_bbh, load_bbh_cot_prompt, load_gsm8k, load_mmlu, bbh_tasks
-from .policy import encode, render_chat
+from ..chat import as_messages, render_chat
+from .policy import encode
 from .scoring import continuation_logprobs, generate_texts
 from .stats import EvalResult, make_metric, subsample
 
@@ -23,13 +24,9 @@ __all__ = ["multiple_choice_accuracy", "evaluate_mmlu", "evaluate_arc", "evaluat
            "DEFAULT_BBH_TASKS", "gsm8k_prompt", "bbh_prompt"]
 
 
-def _user_turn(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
 def _chat_or_raw(text: str, chat: bool):
     """A generation prompt: the text as one user turn of the chat template, or raw text."""
-    return _user_turn(text) if chat else text
+    return as_messages(text) if chat else text
 
 
 # --------------------------------------------------------------------------- multiple choice
@@ -58,7 +55,7 @@ def multiple_choice_accuracy(policy, items: Sequence[MCItem], *, task: str = "mu
     tok = policy.tokenizer
     requests, owners = [], []
     for i, item in enumerate(items):
-        context = render_chat(tok, _user_turn(item.context), add_generation_prompt=True) if chat else item.context
+        context = render_chat(tok, as_messages(item.context), add_generation_prompt=True) if chat else item.context
         for continuation in item.continuations:
             requests.append(_encode_pair(tok, context, continuation))
             owners.append(i)

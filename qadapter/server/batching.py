@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from .. import generation as G
+from ..backbone import eos_token_ids, pad_token_id
 from ..objective import customized_logits
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
@@ -129,8 +130,8 @@ class BatchDecoder:
         self.served = served
         self.model = served.model
         self.tokenizer = served.tokenizer
-        self.eos = G.eos_token_ids(self.model, self.tokenizer)
-        self.pad_id = G._pad_id(self.model, self.tokenizer, self.eos)
+        self.eos = eos_token_ids(self.model, self.tokenizer)
+        self.pad_id = pad_token_id(self.tokenizer, self.model, self.eos)
         self.device = next(self.model.parameters()).device
         self.stats = stats if stats is not None else collections.Counter()
 

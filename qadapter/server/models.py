@@ -12,7 +12,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..modeling import CONFIG_NAME, QAdapter, QAdapterSettings, base_fingerprint
+from ..modeling import QAdapter
+from ..settings import CONFIG_NAME, QAdapterSettings
+from ..backbone import base_fingerprint
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 

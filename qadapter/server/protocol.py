@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .. import generation as G
+from ..chat import encode_prompt
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
@@ -218,7 +218,7 @@ def _prompts(body, served, limits) -> list[list[int]]:
             if not p:
                 raise bad(where, f"{where} is empty")
             with served.tokenizer_lock:
-                ids = G.encode_prompt(served.tokenizer, p, raw_text=True)
+                ids = encode_prompt(served.tokenizer, p, raw_text=True)
             if not ids:
                 raise bad(where, f"{where} encodes to no tokens")
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
@@ -315,7 +315,7 @@ def validate(body: dict, kind: str, served, limits: Limits) -> DecodeRequest:
         messages = _messages(body)
         try:
             with served.tokenizer_lock:
-                prompts = [G.encode_prompt(served.tokenizer, messages)]
+                prompts = [encode_prompt(served.tokenizer, messages)]
         except Exception as exc:  # a chat template may refuse an order of roles
             raise bad("messages", f"the model's chat template cannot render these messages: {exc}") from None
         prompt_field = "messages"

@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from ..data import distinct_prompts
-from ..modeling import check_target_modules, lora_config
+from ..backbone import check_target_modules, lora_config
 
 BASELINES = ("sft", "replay", "dpo", "sft_kl")
 

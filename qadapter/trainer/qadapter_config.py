@@ -76,7 +76,7 @@ class QAdapterConfig(TrainingArguments):
         if self.reference_compat and self.parameterization != "full":
             raise ValueError("reference_compat reproduces the authors' code, whose Q̂ is the adapter's logits: "
                              "use parameterization='full' with it")
-        from ..modeling import QAdapterSettings
+        from ..settings import QAdapterSettings
 
         # the method's fields are validated (and alpha_0 resolved) by the one settings type
         self.alpha_0 = QAdapterSettings.from_config(self).alpha_0

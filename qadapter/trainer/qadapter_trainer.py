@@ -3,23 +3,26 @@
 Everything a ``Trainer`` does (resume, logging, evaluation, ``accelerate launch`` with DDP / FSDP /
 DeepSpeed) is inherited; this file adds only the batch layout (:class:`PreferencePairCollator`),
 the loss step (:func:`qadapter_step`), metric logging with TRL's names, and the adapter's config.
+
+Why one module of ~520 lines: the optimized step (packed layout, fused head) sits next to the
+straightforward step it must equal (tests/test_train_exact.py compares the two).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, Trainer
+from transformers import Trainer
 
+from ..backbone import (attention_kind, base_fingerprint, check_target_modules, lora_config, position_ids_from_mask,
+                        projection_head, replaced_forward)
 from ..integrity import check_finite_weights
-from ..modeling import (CONFIG_NAME, attention_kind, text_config, QAdapterSettings, base_fingerprint, check_target_modules, lora_config,
-                        position_ids_from_mask)
-from ..objective import (composed_logits, implied_rewards, length_normalizers, preference_loss, q_values,
+from ..settings import QAdapterSettings
+from ..objective import (implied_rewards, length_normalizers, preference_loss, q_values,
                          reference_compat_loss, soft_values)
 from .faults import ChecksumCheckpoints, WithRows, check_loss
 from .qadapter_config import QAdapterConfig
@@ -94,12 +97,6 @@ FUSED_HEAD_TILE_BYTES = 64 * 2**20
 #: Longer rows waste less on padding but spend more on attention between pairs (masked, yet computed).
 PACK_ROW_TOKENS = 1024
 
-# Config attributes by which some architectures post-process the output of their LM head (the
-# fused head would skip that); a model with any of them set takes the logits path.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling",
-                         "output_multiplier", "lm_head_multiplier")
-
-
 def _peft_model(model):
     """The PEFT model inside ``model`` when the fast paths know its forward, else None."""
     from peft import PeftModel
@@ -113,38 +110,9 @@ def _peft_model(model):
     return inner
 
 
-_text_config = text_config
-_attention_kind = attention_kind
-
-
 def _full(tensor):
     """A plain tensor: an FSDP2 parameter still sharded when the head runs (a DTensor) is gathered."""
     return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") else tensor
-
-
-def _fusable_head(peft_model):
-    """The output-embedding module when the fused head computes exactly what it computes, else None."""
-    base = peft_model.get_base_model()
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or "forward" in head.__dict__:  # adapted / wrapped / hooked heads
-        return None
-    weight = head.weight
-    if weight.requires_grad or weight.device.type == "meta" or hasattr(weight, "ds_id"):  # trained, offloaded, ZeRO-3
-        return None
-    text = _text_config(peft_model)
-    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
-        return None
-    return head
-
-
-@contextmanager
-def _head_forward(head, fn):
-    """Temporarily run ``fn`` instead of ``head.forward`` (module hooks still run around it)."""
-    head.forward = fn
-    try:
-        yield
-    finally:
-        del head.forward
 
 
 class _FusedQHead(torch.autograd.Function):
@@ -345,7 +313,7 @@ def _q_and_values(model, layout: _Layout, head, args) -> tuple[torch.Tensor, tor
 
     # Fused: the base pass returns the hidden states at the kept states (its head is the identity),
     # the adapter pass hands its own to _FusedQHead inside the model's forward.
-    with torch.no_grad(), _unwrap(model).disable_adapter(), _head_forward(head, lambda hidden: hidden):
+    with torch.no_grad(), _unwrap(model).disable_adapter(), replaced_forward(head, lambda hidden: hidden):
         base_hidden = model(**inputs).logits
     valid, actions = layout.valid, layout.actions
     chunk = max(1, FUSED_HEAD_TILE_BYTES // (4 * head.weight.shape[0]))
@@ -358,7 +326,7 @@ def _q_and_values(model, layout: _Layout, head, args) -> tuple[torch.Tensor, tor
         out[valid] = torch.cat([values[:, None], q_taken], dim=-1)
         return out
 
-    with _head_forward(head, fused):
+    with replaced_forward(head, fused):
         out = model(**inputs).logits
     return out[..., 1:], out[..., 0]
 
@@ -414,14 +382,14 @@ def qadapter_step(model, batch: dict[str, torch.Tensor], args: QAdapterConfig,
     peft_model = _peft_model(model)
     head = None
     if peft_model is not None and getattr(args, "fused_head", True) and not isinstance(model, torch.nn.DataParallel):
-        head = _fusable_head(peft_model)  # (DataParallel replicas would each see the whole batch's closure)
-    attention_kind, half = None, input_ids.shape[0] // 2
+        head = projection_head(peft_model, training=True)  # (DataParallel replicas would each see the whole batch's closure)
+    kind, half = None, input_ids.shape[0] // 2
     if peft_model is not None and getattr(args, "share_prompt", True) and half >= 1:
         longest_pair = attention_mask[:half, :width_p].sum(-1) + needed[:half].sum(-1) + needed[half:].sum(-1)
-        attention_kind = _attention_kind(peft_model, int(longest_pair.max()))
-    if attention_kind is not None:
+        kind = attention_kind(peft_model, int(longest_pair.max()))
+    if kind is not None:
         layout = _packed_layout(input_ids, attention_mask, actions, needed, width_p, first_state, pad_token_id,
-                                attention_kind, peft_model.get_base_model().dtype)
+                                kind, peft_model.get_base_model().dtype)
     else:
         layout = _plain_layout(input_ids, attention_mask, actions, needed, first_state)
     q_kept, values_kept = _q_and_values(model, layout, head, args)
@@ -455,10 +423,10 @@ class QAdapterTrainer(Trainer):
         from peft import PeftModel, get_peft_model
 
         if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
-            from ..embedded import resolve_model_path
+            from ..embedded import load_model
+
             base_model_name_or_path = base_model_name_or_path or model
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
+            model = load_model(model, dtype=torch.float32)
         if processing_class is None:
             raise ValueError("QAdapterTrainer needs processing_class=<the model's tokenizer>")
         if processing_class.pad_token_id is None:
@@ -545,11 +513,8 @@ class QAdapterTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         check_finite_weights(self.model)  # never write a NaN adapter
         super()._save(output_dir, state_dict)
-        import os
-        output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as fh:
-                fh.write(self.settings.to_json())
+            self.settings.save(output_dir or self.args.output_dir)
 
     def qadapter(self):
         """The trained customized policy as a :class:`qadapter.QAdapter` (shares this trainer's model)."""

@@ -1,15 +1,14 @@
 """The main job as a Python API: load → split by prompt → train → save → measure → show.
 
 ``qadapter train`` is a thin shell over :func:`run_training`. With no arguments it customizes the
-embedded default model on the embedded HH-RLHF harmless pairs (see ``PRESETS['default']``).
+embedded default model on the embedded HH-RLHF harmless pairs (the ``default`` preset, qadapter/recipes/presets/default.yaml).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,60 +16,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .embedded import DEFAULT_MODEL, default_data_path, resolve_model_path
-
-#: Named settings for the whole job. ``default`` fits a 2-core CPU in under 10 minutes, model
-#: conversion and measurement included: short pairs only, so that a step is cheap, and a FIXED number
-#: of steps (never a time limit: the result must not depend on the machine's load); its settings are
-#: the sweep's (docs/results.md, "Choosing the defaults"). ``long`` is the documented longer run
-#: (hours on a CPU, minutes on a GPU): many more pairs and a full epoch. Flags given on the command line win.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(max_length=128, drop_longer_than=128, eval_pairs=100, train_eval_pairs=32,
-                    per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                    max_steps=60, max_train_minutes=None, logging_steps=5, save_strategy="no",
-                    show_examples=4, lora_dropout=0.0),
-    "long": dict(max_length=256, drop_longer_than=256, eval_pairs=200, train_eval_pairs=200,
-                 per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=5e-4,
-                 num_train_epochs=1, max_steps=-1, max_train_minutes=None, logging_steps=5,
-                 save_strategy="steps", save_steps=25),
-    # the authors' own settings (method.md): global batch 512 pairs, cut-off 512, 2 epochs on HH
-    "paper": dict(max_length=512, drop_longer_than=None, eval_pairs=230, train_eval_pairs=230,
-                  per_device_train_batch_size=1, gradient_accumulation_steps=512, learning_rate=3e-4,
-                  num_train_epochs=2, max_steps=-1, max_train_minutes=None, save_strategy="steps",
-                  save_steps=1),
-}
-
-
-@dataclass
-class JobArguments:
-    """What to train on and what to measure; ``QAdapterConfig`` holds the training knobs."""
-
-    method: str = field(default="qadapter", metadata={"help": "qadapter, or a baseline in the same harness: sft, replay, "
-                                                             "dpo, sft_kl (SFT + a KL penalty toward the base)."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."})
-    data: str | None = field(default=None, metadata={"help": "Preference pairs: a .json/.jsonl/.parquet file (default: the embedded HH-RLHF harmless pairs)."})
-    on: str | None = field(default=None, metadata={"help": "Train on top of this earlier adapter or stack folder: its "
-                           "customized policy (the base with its LoRAs merged in, frozen) is the new π1, and the result "
-                           "is saved as a stack folder (docs/method.md, 'Stacking')."})
-    preset: str = field(default="default", metadata={"help": f"Named settings: {', '.join(PRESETS)}. Explicit flags override them."})
-    eval_pairs: float = field(default=100, metadata={"help": "Held-out pairs (an int) or fraction (< 1), split by prompt."})
-    train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs (seeded choice)."})
-    train_eval_pairs: int = field(default=100, metadata={"help": "Training pairs on which accuracy is also measured."})
-    drop_longer_than: int | None = field(default=None, metadata={"help": "Drop (and count) pairs whose prompt + longer response exceeds this many tokens, instead of truncating them."})
-    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop training after this many minutes (the adapter is still saved and measured)."})
-    skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping at the first."})
-    allow_empty_response: bool = field(default=False, metadata={"help": "Accept pairs whose chosen or rejected response is empty."})
-    dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO baseline (the paper's 0.1)."})
-    kl_weight: float = field(default=0.1, metadata={"help": "Weight of KL(π‖π1) per token in the sft_kl baseline."})
-    show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
-    example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
-    measure_held_out: bool = field(default=True, metadata={"help": "Measure the preference accuracy of the base and the "
-                                   "trained policy on the held-out pairs after training (qadapter compare turns it off: "
-                                   "it measures every method itself)."})
-    save_split: bool = field(default=False, metadata={"help": "Also write the training and held-out pairs (normalized "
-                             "prompt / chosen / rejected, source row) to OUTPUT_DIR/split/{train,held_out}.jsonl, "
-                             "with the split counts in split.json, so every evaluation uses exactly this split."})
-
+from ..backbone import pad_token_id
+from ..embedded import default_data_path, load_model, load_tokenizer, resolve_model_path
+from ..evaluation.stats import preference_accuracy
+from .config import JobArguments
 
 class StopAfterMinutes(TrainerCallback):
     """Ends training cleanly once a wall-clock budget is spent (checked after every step)."""
@@ -85,16 +34,6 @@ class StopAfterMinutes(TrainerCallback):
             self.stopped_at = state.global_step
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound at small n and near 0 or 1)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
-
 @torch.no_grad()
 def pair_log_likelihoods(qadapter, tokenized, batch_size: int = 4, desc: str = "scoring pairs") -> dict[str, list[float]]:
     """log π(y|x) of chosen and rejected responses under both π1 and π̃, by
@@ -105,13 +44,13 @@ def pair_log_likelihoods(qadapter, tokenized, batch_size: int = 4, desc: str = "
     same forward, ``kl`` (Σ_t KL(π̃‖π1) over each response's tokens, chosen and rejected alternating) and
     ``n_tokens`` (their token counts).
     """
-    from .scoring import score
+    from ..scoring import score
 
     requests = []
     for i in range(len(tokenized)):
         row = tokenized[i]
         requests += [(row["prompt_input_ids"], row["chosen_input_ids"]), (row["prompt_input_ids"], row["rejected_input_ids"])]
-    pad = qadapter.tokenizer.pad_token_id if qadapter.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(qadapter.tokenizer)
     scores = score(qadapter.model, requests, settings=qadapter.settings, policies=("base", "customized"),
                    kl="policy||base", pad_token_id=pad, batch_size=batch_size, allow_empty=True, progress=True,
                    desc=desc)
@@ -126,21 +65,13 @@ def kl_per_token(ll: dict[str, list[float]]) -> float:
     return sum(ll["kl"]) / max(1, sum(ll["n_tokens"]))
 
 
-def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict[str, float]:
-    """Fraction of pairs whose chosen response is more likely (ties count half), with a 95% interval."""
-    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
-    n = len(chosen)
-    low, high = wilson_interval(wins, n)
-    return {"accuracy": wins / n if n else float("nan"), "n": n, "ci_low": low, "ci_high": high}
-
-
 def implicit_reward_margins(ll: dict[str, list[float]], seed: int = 0) -> dict[str, Any]:
     """How far training moved each pair toward its chosen answer, relative to the base model:
     margin = [log π̃(y_w|x) − log π1(y_w|x)] − [log π̃(y_l|x) − log π1(y_l|x)] (0 for an untrained
     adapter). Returns the fraction of pairs with a positive margin (ties half, Wilson interval) and the
     mean margin in nats (bootstrap interval) — the same numbers ``qadapter compare`` reports.
     """
-    from .evaluation.stats import make_metric
+    from ..evaluation.stats import make_metric
 
     chosen_moved = [c - b for c, b in zip(ll["custom_chosen"], ll["base_chosen"])]
     rejected_moved = [c - b for c, b in zip(ll["custom_rejected"], ll["base_rejected"])]
@@ -148,10 +79,6 @@ def implicit_reward_margins(ll: dict[str, list[float]], seed: int = 0) -> dict[s
     # margin > 0 exactly when the chosen answer moved more than the rejected one
     return {**preference_accuracy(chosen_moved, rejected_moved),
             "mean": mean.value, "mean_ci_low": mean.ci_low, "mean_ci_high": mean.ci_high}
-
-
-def _tokenized_length(row) -> int:
-    return len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
 
 
 SPLIT_COLUMNS = ("prompt", "chosen", "rejected", "row")
@@ -180,11 +107,10 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     and tokenization reports, training time and steps, and the preference accuracy of the base
     and the customized policy on training and held-out pairs.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import (distinct_prompts, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
+    from ..data import (distinct_prompts, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
                        tokenize_pairs)
-    from .trainer import QAdapterTrainer
+    from ..trainer import QAdapterTrainer
 
     started = time.monotonic()
     torch.manual_seed(config.seed)
@@ -198,9 +124,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         data_name = job.data
     log(f"data: {load_report.summary()}")
     model_path = resolve_model_path(job.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_path, pad_with_eos=True)
 
     # Tokenize once, before the split, so that length filtering cannot unbalance train and eval.
     ids, tok_report = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
@@ -226,9 +150,9 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     if job.save_split and config.process_index == 0:
         save_split(Path(config.output_dir) / "split", train_ids, eval_ids, split_info)
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = load_model(model_path, dtype=torch.float32)
     if job.on:
-        from .stack import merge_into
+        from ..stack import merge_into
 
         model, earlier = merge_into(model, job.on)  # π1 = the earlier customized policy, exactly
         log(f"on {job.on}: merged its {len(earlier.folders)} adapter(s) into the base; training the next level")
@@ -246,8 +170,10 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         qadapter = trainer.qadapter()
         save = qadapter.save_pretrained
     else:
-        from .modeling import QAdapter, QAdapterSettings, save_atomically
-        from .trainer.baselines import train_baseline
+        from ..modeling import QAdapter
+        from ..io import save_atomically
+        from ..settings import QAdapterSettings
+        from ..trainer.baselines import train_baseline
 
         trainer = train_baseline(job.method, model, tokenizer, train_ids.select_columns(["prompt", "chosen", "rejected"]),
                                  config, dpo_beta=job.dpo_beta, kl_weight=job.kl_weight, callbacks=callbacks,
@@ -259,7 +185,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         save = lambda folder: save_atomically(folder, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))  # noqa: E731
     train_seconds = time.monotonic() - train_start
     if job.on:
-        from .stack import save_extended
+        from ..stack import save_extended
 
         save = (lambda write_new: lambda folder: save_extended(folder, job.on, write_new, tokenizer))(save)
     if trainer.is_world_process_zero():
@@ -296,7 +222,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
             "kl_per_token": kl_per_token(ll),
         }
     if job.show_examples:
-        from .evaluation.repetition import repeated_ngram_fraction
+        from ..evaluation.repetition import repeated_ngram_fraction
 
         # distinct prompts: DSP-style data hold several pairs per prompt; greedy, one batch per policy
         prompts = distinct_prompts(eval_ids["prompt"])[:job.show_examples]
@@ -307,7 +233,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
                               for p, b, c in zip(prompts, answers["base"], answers["customized"])]
         # how much the answers repeat themselves: the fraction of word 4-grams seen earlier in the same answer
         report["repetition"] = {policy: repeated_ngram_fraction(texts, n=4) for policy, texts in answers.items()}
-    from .plots import plot_training_curves
+    from ..plots import plot_training_curves
 
     curves = plot_training_curves({job.method: report["log_history"]}, Path(config.output_dir) / "training_curves.png",
                                   title=f"{job.method} on {Path(data_name).name if job.data else data_name}")

@@ -1,0 +1,373 @@
+"""The evaluations a comparison runs: one :class:`Evaluation` entry each in :data:`REGISTRY`.
+
+An entry declares, once: the evaluator that scores one policy (``run``), the per-item score its
+trade-off statistics resample (``item_score``), what besides the policy, limit and seed its cache
+key holds (``key_fields``), its table column(s), whether a drop in it is retention lost, and,
+for the scorer-based ones, how to score several decode-time strengths of one Q-Adapter from the
+same forwards (``at_strengths``). :mod:`.run` loops over the registry; nothing else names an
+evaluation. A new benchmark is one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ...evaluation.stats import ties_half
+from .methods import strength_name
+
+
+@dataclass(frozen=True)
+class Column:
+    """One reported number: ``metric`` of the evaluation ``evaluation``."""
+
+    key: str
+    evaluation: str
+    metric: str
+    label: str
+
+
+@dataclass
+class Context:
+    """What the evaluators of one comparison share: settings, the held-out split, the base's
+    reference answers (``results['base']``), the judge."""
+
+    limits: dict[str, int | None]
+    seed: int
+    batch_size: int
+    max_new_tokens: int
+    bbh_tasks: list[str]
+    data_dir: Any
+    held_out: list[dict]
+    held_out_hash: str
+    progress: bool = True
+    win_prompts: list = field(default_factory=list)
+    judge: Callable[[], Any] | None = None  # () -> the judge, loaded on first use
+    results: dict[str, dict[str, dict]] = field(default_factory=dict)
+
+    def common(self, name: str) -> dict[str, Any]:
+        return dict(limit=self.limits.get(name), seed=self.seed, progress=self.progress)
+
+    def base_extra(self, name: str) -> dict[str, Any]:
+        """The base model's stored result's ``extra`` for evaluation ``name`` (its reference answers)."""
+        return self.results["base"][name]["extra"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the registry (see the module docstring)."""
+
+    name: str
+    columns: tuple[Column, ...]
+    #: (ctx, policy, base, policy_name, reuse_answers) -> EvalResult
+    run: Callable[..., Any]
+    #: one stored sample -> its primary score (what the trade-off intervals resample)
+    item_score: Callable[[dict], float]
+    #: Context fields its cache key holds besides policy, limit, seed and data_dir
+    key_fields: tuple[str, ...] = ()
+    #: a drop in it is retention lost (higher is better); KL and the preference side are not
+    retention: bool = False
+    #: a retention benchmark ``--benchmarks`` can name (preferences and win_rate are not)
+    benchmark: bool = True
+    #: (ctx, qa, strengths) -> {strength: EvalResult}, several strengths from the same forwards
+    at_strengths: Callable[..., dict] | None = None
+    #: its default subsample size (None: every item); ``--eval-limit name=N`` changes it
+    default_limit: int | None = None
+
+    def key(self, ctx: Context) -> dict[str, Any]:
+        values = {"max_new_tokens": ctx.max_new_tokens, "bbh_tasks": ctx.bbh_tasks, "held_out": ctx.held_out_hash}
+        return {("tasks" if f == "bbh_tasks" else f): values[f] for f in self.key_fields}
+
+    def item_scores(self, result: dict) -> tuple[list, np.ndarray] | None:
+        """(item keys, per-item primary scores) of a stored result, or None without samples."""
+        samples = result.get("samples")
+        if not samples:
+            return None
+        scores = [self.item_score(s) for s in samples]
+        keys = [tuple(s.get(k) for k in ("subject", "task", "index")) for s in samples]
+        if all(k == (None, None, None) for k in keys):
+            keys = list(range(len(samples)))
+        return keys, np.asarray(scores, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- the evaluators
+def _mmlu(n_shot: int):
+    def run(ctx, policy, base, name, reuse=None):
+        from ...evaluation import evaluate_mmlu
+
+        return evaluate_mmlu(policy, n_shot=n_shot, batch_size=ctx.batch_size, data_dir=ctx.data_dir,
+                             **ctx.common(f"mmlu{n_shot}"))
+    return run
+
+
+def _arc(subset: str):
+    def run(ctx, policy, base, name, reuse=None):
+        from ...evaluation import evaluate_arc
+
+        return evaluate_arc(policy, subset=subset, batch_size=ctx.batch_size, data_dir=ctx.data_dir,
+                            **ctx.common(f"arc_{subset}"))
+
+    def at_strengths(ctx, qa, strengths):
+        return arc_at_strengths(qa, subset, strengths, limit=ctx.limits.get(f"arc_{subset}"), seed=ctx.seed,
+                                batch_size=ctx.batch_size, data_dir=ctx.data_dir, progress=ctx.progress)
+    return run, at_strengths
+
+
+def _gsm8k(ctx, policy, base, name, reuse=None):
+    from ...evaluation import evaluate_gsm8k
+
+    return evaluate_gsm8k(policy, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, data_dir=ctx.data_dir,
+                          **ctx.common("gsm8k"))
+
+
+def _bbh(ctx, policy, base, name, reuse=None):
+    from ...evaluation import evaluate_bbh
+
+    return evaluate_bbh(policy, tasks=ctx.bbh_tasks, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size,
+                        data_dir=ctx.data_dir, **ctx.common("bbh"))
+
+
+def _kl(ctx, policy, base, name, reuse=None):
+    """KL(π‖π1) on general prompts: the base model answers them once; every policy is scored on those answers."""
+    from ...evaluation import kl_from_base
+
+    if name == "base":
+        return kl_from_base(policy, base, max_new_tokens=ctx.max_new_tokens, data_dir=ctx.data_dir,
+                            batch_size=ctx.batch_size, **ctx.common("kl"))
+    ref = ctx.base_extra("kl")
+    common = ctx.common("kl")
+    common.pop("limit")
+    return kl_from_base(policy, base, prompts=ref["prompts"], responses=ref["responses"],
+                        max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, **common)
+
+
+def _kl_at_strengths(ctx, qa, strengths):
+    ref = ctx.base_extra("kl")
+    return kl_at_strengths(qa, strengths, prompts=ref["prompts"], responses=ref["responses"],
+                           max_new_tokens=ctx.max_new_tokens, seed=ctx.seed, batch_size=ctx.batch_size,
+                           progress=ctx.progress)
+
+
+def _preferences(ctx, policy, base, name, reuse=None):
+    from ...evaluation import evaluate_preferences
+
+    return evaluate_preferences(policy, base, ctx.held_out, batch_size=ctx.batch_size, **ctx.common("preferences"))
+
+
+def _preferences_at(ctx, qa, strengths):
+    return preferences_at_strengths(qa, ctx.held_out, strengths, limit=ctx.limits.get("preferences"), seed=ctx.seed,
+                                    batch_size=ctx.batch_size, progress=ctx.progress)
+
+
+def _win_rate(ctx, policy, base, name, reuse=None):
+    """The judged win rate against the base's answers (generated once, by the base's own entry)."""
+    from ...evaluation import generate_texts, win_rate
+
+    common = ctx.common("win_rate")
+    common.pop("limit")
+    if name == "base":
+        answers = reuse or generate_texts(policy, ctx.win_prompts, max_new_tokens=ctx.max_new_tokens,
+                                          batch_size=ctx.batch_size, progress=ctx.progress,
+                                          desc="win_rate: base answers")
+        return win_rate(policy, base, ctx.judge(), prompts=ctx.win_prompts, policy_answers=answers,
+                        base_answers=answers, max_new_tokens=ctx.max_new_tokens, **common)
+    return win_rate(policy, base, ctx.judge(), prompts=ctx.win_prompts, base_answers=ctx.base_extra("win_rate")["base_answers"],
+                    policy_answers=reuse, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, **common)
+
+
+def _correct(sample: dict) -> float:
+    return float(sample["pred"] == sample["gold"])
+
+
+_arc_easy, _arc_easy_at = _arc("easy")
+_arc_challenge, _arc_challenge_at = _arc("challenge")
+
+#: every evaluation, in table order. The default limits are small enough that a 135M model on a
+#: 2-core CPU scores one policy in a few minutes (docs/evaluation.md "Cost on a CPU"); ``bbh`` is
+#: per task, ``preferences`` counts held-out pairs, ``win_rate`` held-out prompts, ``kl`` general prompts.
+REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
+    Evaluation("mmlu0", (Column("mmlu0", "mmlu0", "acc", "MMLU 0-shot"),), _mmlu(0), _correct,
+               retention=True, default_limit=50),
+    Evaluation("mmlu5", (Column("mmlu5", "mmlu5", "acc", "MMLU 5-shot"),), _mmlu(5), _correct,
+               retention=True, default_limit=10),
+    Evaluation("arc_easy", (Column("arc_easy", "arc_easy", "acc", "ARC-Easy"),), _arc_easy, _correct,
+               retention=True, at_strengths=_arc_easy_at, default_limit=50),
+    Evaluation("arc_challenge", (Column("arc_challenge", "arc_challenge", "acc", "ARC-Challenge"),), _arc_challenge,
+               _correct, retention=True, at_strengths=_arc_challenge_at, default_limit=50),
+    Evaluation("gsm8k", (Column("gsm8k", "gsm8k", "exact_match", "GSM8K-CoT 8-shot"),), _gsm8k,
+               lambda s: float(s["pred"] == s["target"]), key_fields=("max_new_tokens",), retention=True,
+               default_limit=5),
+    Evaluation("bbh", (Column("bbh", "bbh", "exact_match", "BBH 3-shot CoT"),), _bbh,
+               lambda s: float(s["exact_match"]), key_fields=("max_new_tokens", "bbh_tasks"), retention=True,
+               default_limit=1),
+    Evaluation("kl", (Column("kl", "kl", "kl", "KL(π‖π1)"),), _kl, lambda s: float(s["kl"]),
+               key_fields=("max_new_tokens",), at_strengths=_kl_at_strengths, default_limit=20),
+    Evaluation("preferences", (Column("pref_acc", "preferences", "likelihood_accuracy", "pref. accuracy"),
+                               Column("margin_acc", "preferences", "margin_accuracy", "margin accuracy"),
+                               Column("margin", "preferences", "mean_margin", "margin")),
+               _preferences, lambda s: float(ties_half(np.asarray(s["logp_chosen"] - s["logp_rejected"]))),
+               key_fields=("held_out",), benchmark=False, at_strengths=_preferences_at),
+    Evaluation("win_rate", (Column("win_rate", "win_rate", "win_rate", "win rate vs base"),), _win_rate,
+               lambda s: float(s["p"]), key_fields=("max_new_tokens", "held_out"), benchmark=False, default_limit=20),
+)}
+
+#: the retention benchmarks, by the name ``--benchmarks`` takes (``kl`` is the KL from the base model)
+BENCHMARKS: dict[str, Column] = {e.name: e.columns[0] for e in REGISTRY.values() if e.benchmark}
+#: the benchmarks whose score drop is "retention lost" (higher is better for each)
+RETENTION_BENCHMARKS = tuple(e.name for e in REGISTRY.values() if e.retention)
+PREFERENCE_COLUMNS = REGISTRY["preferences"].columns
+WIN_RATE_COLUMN = REGISTRY["win_rate"].columns[0]
+EVALUATIONS = tuple(REGISTRY)
+DEFAULT_LIMITS: dict[str, int | None] = {e.name: e.default_limit for e in REGISTRY.values()}
+
+
+def item_scores(evaluation: str, result: dict) -> tuple[list, np.ndarray] | None:
+    """(item keys, per-item primary scores) of a stored result of ``evaluation``, or None."""
+    entry = REGISTRY.get(evaluation)
+    return entry.item_scores(result) if entry else None
+
+
+def parse_limits(spec: str | int | dict | None) -> dict[str, int | None]:
+    """Subsample sizes per evaluation from ``"N"`` (every evaluation), ``"name=N,..."`` or both
+    (``"30,mmlu5=5,preferences=all"``); ``all`` / ``none`` mean every item. Unnamed evaluations keep
+    :data:`DEFAULT_LIMITS`."""
+    limits = dict(DEFAULT_LIMITS)
+    if spec is None:
+        return limits
+    if isinstance(spec, int):
+        return {k: spec for k in limits}
+    if isinstance(spec, dict):
+        unknown = set(spec) - set(limits)
+        if unknown:
+            raise ValueError(f"unknown evaluation(s) {sorted(unknown)} in limits; known: {', '.join(limits)}")
+        limits.update(spec)
+        return limits
+
+    def value(text: str) -> int | None:
+        text = text.strip().lower()
+        if text in ("all", "none", "full"):
+            return None
+        n = int(text)
+        if n < 1:
+            raise ValueError(f"a limit must be >= 1 (or 'all'), got {n}")
+        return n
+
+    named = {}
+    for part in (p.strip() for p in str(spec).split(",") if p.strip()):
+        if "=" in part:
+            name, _, n = part.partition("=")
+            name = name.strip()
+            if name not in limits:
+                raise ValueError(f"unknown evaluation {name!r} in --eval-limit; known: {', '.join(limits)}")
+            named[name] = value(n)
+        else:
+            limits = {k: value(part) for k in limits}
+    limits.update(named)
+    return limits
+
+
+
+# --------------------------------------------------------------------------- several strengths from the same forwards
+def preferences_at_strengths(qa, pairs, strengths: Sequence[float], *, limit, seed: int, batch_size: int,
+                              progress: bool, n_boot: int = 1000) -> dict[float, Any]:
+    """:func:`~qadapter.evaluation.evaluate_preferences` of the Q-Adapter ``qa`` at every strength
+    (against its own base view), from ONE scorer call: π1 and π̃ at each strength share every forward.
+    The same items, requests and metrics as the evaluator (checked in tests/test_compare.py)."""
+    from ...evaluation.policy import pad_token_id
+    from ...evaluation.preference import encode_prompt_response, split_pair
+    from ...evaluation.stats import EvalResult, make_metric, subsample
+    from ...scoring import score
+
+    rows = subsample(list(enumerate(pairs)), limit, seed)
+    requests = []
+    for _, row in rows:
+        prompt, chosen, rejected = split_pair(row)
+        requests.append(encode_prompt_response(qa.tokenizer, prompt, chosen))
+        requests.append(encode_prompt_response(qa.tokenizer, prompt, rejected))
+    scores = score(qa.model, requests, settings=qa.settings, policies=("base",), strengths=list(strengths),
+                   pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size, progress=progress,
+                   desc="preferences at every strength")
+    lb = np.asarray(scores.logprobs["base"]).reshape(-1, 2)
+    out = {}
+    for strength in strengths:
+        lp = np.asarray(scores.logprobs[strength_name(strength)]).reshape(-1, 2)
+        margin = (lp[:, 0] - lb[:, 0]) - (lp[:, 1] - lb[:, 1])
+        metrics = {"margin_accuracy": make_metric(ties_half(margin), n_boot, seed),
+                   "likelihood_accuracy": make_metric(ties_half(lp[:, 0] - lp[:, 1]), n_boot, seed),
+                   "mean_margin": make_metric(margin, n_boot, seed),
+                   "base_likelihood_accuracy": make_metric(ties_half(lb[:, 0] - lb[:, 1]), n_boot, seed)}
+        samples = [{"index": i, "logp_chosen": float(a[0]), "logp_rejected": float(a[1]),
+                    "base_logp_chosen": float(b[0]), "base_logp_rejected": float(b[1]), "margin": float(m)}
+                   for (i, _), a, b, m in zip(rows, lp, lb, margin)]
+        out[strength] = EvalResult("preferences", len(rows), metrics, "margin_accuracy", {"limit": limit, "seed": seed},
+                                   samples=samples)
+    return out
+
+
+def arc_at_strengths(qa, subset: str, strengths: Sequence[float], *, limit, seed: int, batch_size: int, data_dir,
+                      progress: bool, n_boot: int = 1000) -> dict[float, Any]:
+    """:func:`~qadapter.evaluation.evaluate_arc` of the Q-Adapter ``qa`` at every strength from ONE
+    scorer call (each question's context computed once for all its choices and all strengths;
+    checked in tests/test_compare.py against the evaluator at each strength)."""
+    from ...evaluation.benchmarks import load_arc
+    from ...evaluation.policy import pad_token_id
+    from ...evaluation.scoring import _prepare_requests
+    from ...evaluation.stats import subsample
+    from ...evaluation.tasks import _encode_pair, multiple_choice_result
+    from ...scoring import score
+
+    items = subsample(load_arc(subset, data_dir), limit, seed)
+    requests, owners = [], []
+    for i, item in enumerate(items):
+        for continuation in item.continuations:
+            requests.append(_encode_pair(qa.tokenizer, item.context, continuation))
+            owners.append(i)
+    scores = score(qa.model, _prepare_requests(requests, None), settings=qa.settings, policies=(),
+                   strengths=list(strengths), pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size,
+                   progress=progress, desc=f"arc_{subset} at every strength")
+    return {strength: multiple_choice_result(items, owners, scores.logprobs[strength_name(strength)],
+                                             task=f"arc_{subset}", n_boot=n_boot, seed=seed,
+                                             config={"subset": subset, "limit": limit, "seed": seed, "chat": False})
+            for strength in strengths}
+
+
+def kl_at_strengths(qa, strengths: Sequence[float], *, prompts, responses, max_new_tokens: int, seed: int,
+                     batch_size: int, progress: bool, n_boot: int = 1000) -> dict[float, Any]:
+    """:func:`~qadapter.evaluation.kl_from_base` of the Q-Adapter ``qa`` at every strength from its
+    own base branch, on the base model's fixed answers, from ONE scorer call (checked in
+    tests/test_compare.py against the evaluator at each strength)."""
+    from ...evaluation.policy import encode, pad_token_id
+    from ...evaluation.stats import EvalResult, make_metric
+    from ...chat import as_messages, encode_prompt
+    from ...scoring import score
+
+    tok = qa.tokenizer
+    messages = [as_messages(p) for p in prompts]
+    rows = []
+    for i, (prompt, response) in enumerate(zip(messages, responses)):
+        resp = encode(tok, response)
+        if resp:
+            rows.append((i, encode_prompt(tok, prompt), resp))
+    kls = {}
+    if rows:
+        kls = score(qa.model, [(pr, r) for _, pr, r in rows], settings=qa.settings, policies=(),
+                    strengths=list(strengths), kl="policy||base", pad_token_id=pad_token_id(tok),
+                    batch_size=batch_size, progress=progress, desc="KL at every strength").kl
+    out = {}
+    n_tokens = sum(len(r[2]) for r in rows)
+    for strength in strengths:
+        sums = kls.get(strength_name(strength), [])
+        per_prompt = {i: v / len(resp) for (i, _, resp), v in zip(rows, sums)}
+        order = sorted(per_prompt)
+        values = [per_prompt[i] for i in order]
+        result = EvalResult("kl_from_base", len(values), {"kl": make_metric(values, n_boot, seed)}, "kl",
+                            {"direction": "policy||base", "limit": None, "seed": seed, "max_new_tokens": max_new_tokens,
+                             "n_prompts": len(messages)},
+                            samples=[{"index": i, "kl": per_prompt[i]} for i in order])
+        result.extra.update(kl_token_mean=float(sum(sums)) / n_tokens if n_tokens else float("nan"), n_tokens=n_tokens,
+                            skipped_empty=len(messages) - len(values), prompts=messages, responses=list(responses),
+                            kl_max_prompt=float(np.max(values)) if values else float("nan"))
+        out[strength] = result
+    return out

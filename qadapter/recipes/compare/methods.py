@@ -1,0 +1,177 @@
+"""Methods a comparison trains and the policies it evaluates.
+
+A method spec is a method of :data:`METHOD_REGISTRY` with settings of its own (``dpo:beta=0.3``);
+every evaluated policy is a :class:`PolicyPoint`: the base model, a trained spec, or a Q-Adapter
+spec at one decode-time strength (``qadapter@0.5``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+#: the methods compared by default (the paper's Table: Q-Adapter and its SFT / Replay / DPO baselines)
+METHODS = ("qadapter", "sft", "replay", "dpo")
+
+
+# --------------------------------------------------------------------------- method specs and policy points
+@dataclass(frozen=True)
+class MethodParam:
+    """A training setting a method spec may change: ``job.<field>`` or ``config.<field>``."""
+
+    target: str  # "job" or "config"
+    field: str
+    type: type
+    label: str
+
+
+#: every method ``run_comparison`` trains, and the settings its spec (``method:name=value,...``) may
+#: set. A new method or knob is one entry here; nothing else in this module names a method's settings.
+_BUDGET = {"max_steps": MethodParam("config", "max_steps", int, "steps"),
+           "learning_rate": MethodParam("config", "learning_rate", float, "lr")}
+
+
+METHOD_REGISTRY: dict[str, dict[str, MethodParam]] = {
+    "qadapter": {**_BUDGET, "beta": MethodParam("config", "beta", float, "β (χ²)")},
+    "sft": dict(_BUDGET),
+    "replay": dict(_BUDGET),
+    "dpo": {**_BUDGET, "beta": MethodParam("job", "dpo_beta", float, "β")},
+    "sft_kl": {**_BUDGET, "kl_weight": MethodParam("job", "kl_weight", float, "KL weight")},
+}
+
+
+def number_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One trained method: ``method`` with some training settings changed (``dpo:beta=0.3``).
+    A plain name (``dpo``) trains with the comparison's settings, into ``OUT/dpo/`` as before."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if not self.params:
+            return self.method
+        return self.method + ":" + ",".join(f"{k}={number_text(v)}" for k, v in self.params)
+
+    @property
+    def folder(self) -> str:
+        """The folder name under OUT (and under OUT/eval) of this spec."""
+        return self.method + "".join(f"_{k}={number_text(v)}" for k, v in self.params)
+
+    def setting_label(self) -> str:
+        return ", ".join(f"{METHOD_REGISTRY[self.method][k].label}={number_text(v)}" for k, v in self.params)
+
+    def apply(self, job, config):
+        """(job, config) of this spec: copies of the comparison's with the spec's settings."""
+        job_changes = {METHOD_REGISTRY[self.method][k].field: v for k, v in self.params
+                       if METHOD_REGISTRY[self.method][k].target == "job"}
+        job = dataclasses.replace(job, method=self.method, **job_changes)
+        config = copy.deepcopy(config)
+        for k, v in self.params:
+            param = METHOD_REGISTRY[self.method][k]
+            if param.target == "config":
+                setattr(config, param.field, v)
+        return job, config
+
+
+def parse_method_spec(text: "str | MethodSpec") -> MethodSpec:
+    """``"dpo"``, ``"dpo:beta=0.3"``, ``"sft:max_steps=20,learning_rate=1e-4"`` → :class:`MethodSpec`.
+    An unknown method or setting, or a value of the wrong type, is a ValueError naming the spec."""
+    if isinstance(text, MethodSpec):
+        return text
+    spec = str(text).strip()
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if method not in METHOD_REGISTRY:
+        raise ValueError(f"method spec {spec!r}: unknown method {method!r}; known: {', '.join(METHOD_REGISTRY)}")
+    known = METHOD_REGISTRY[method]
+    params: dict[str, Any] = {}
+    for part in (p.strip() for p in rest.split(",") if p.strip()) if rest.strip() else ():
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not value.strip():
+            raise ValueError(f"method spec {spec!r}: {part!r} is not NAME=VALUE")
+        if key not in known:
+            raise ValueError(f"method spec {spec!r}: {method} has no setting {key!r}; it takes "
+                             f"{', '.join(known)}")
+        if key in params:
+            raise ValueError(f"method spec {spec!r}: {key} given twice")
+        try:
+            number = known[key].type(value.strip())
+        except ValueError:
+            raise ValueError(f"method spec {spec!r}: {key}={value.strip()!r} is not a {known[key].type.__name__}") from None
+        if not number > 0:
+            raise ValueError(f"method spec {spec!r}: {key} must be > 0, got {value.strip()}")
+        params[key] = number
+    if rest.strip() == "" and ":" in spec:
+        raise ValueError(f"method spec {spec!r}: nothing after ':' (give NAME=VALUE, or the plain method name)")
+    return MethodSpec(method, tuple(sorted(params.items())))
+
+
+@dataclass(frozen=True)
+class PolicyPoint:
+    """One evaluated policy, a point of the frontier: the base model, a trained spec, or a
+    Q-Adapter spec decoded at ``strength`` (``qadapter@0.5``: one trained adapter, many points)."""
+
+    spec: MethodSpec | None  # None: the base model
+    strength: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.spec is None:
+            return "base"
+        return self.spec.name + ("" if self.strength is None else f"@{number_text(float(self.strength))}")
+
+    @property
+    def folder(self) -> str:
+        if self.spec is None:
+            return "base"
+        return self.spec.folder + ("" if self.strength is None else f"@{number_text(float(self.strength))}")
+
+    @property
+    def curve(self) -> str:
+        """The curve this point is drawn on: a Q-Adapter's strengths join per trained adapter, a
+        baseline's settings join per method."""
+        if self.spec is None:
+            return "base"
+        return self.spec.name if self.strength is not None else self.spec.method
+
+    def setting_label(self) -> str:
+        if self.spec is None:
+            return ""
+        parts = [self.spec.setting_label()] if self.spec.params else []
+        if self.strength is not None:
+            parts.append(f"strength={number_text(float(self.strength))}")
+        return ", ".join(parts)
+
+
+def policy_points(specs: Sequence[MethodSpec], strengths: Sequence[float] | None = None) -> list[PolicyPoint]:
+    """The evaluated points (base first): every Q-Adapter spec at every decode-time strength
+    (at its trained setting when ``strengths`` is None), every other spec once."""
+    points = [PolicyPoint(None)]
+    for spec in specs:
+        if spec.method == "qadapter" and strengths:
+            points += [PolicyPoint(spec, float(s)) for s in strengths]
+        else:
+            points.append(PolicyPoint(spec))
+    return points
+
+
+# --------------------------------------------------------------------------- several strengths, one forward
+def point_record(point: PolicyPoint) -> dict[str, Any]:
+    return {"name": point.name, "folder": point.folder, "curve": point.curve,
+            "method": point.spec.method if point.spec else "base", "spec": point.spec.name if point.spec else None,
+            "params": dict(point.spec.params) if point.spec else {}, "strength": point.strength,
+            "setting": point.setting_label()}
+
+
+def strength_name(strength: float) -> str:
+    return f"strength={float(strength)!r}"  # qadapter.scoring.policy_specs' name of that policy
