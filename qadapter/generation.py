@@ -19,8 +19,9 @@ nothing but how the logits are computed:
   not handle (LoRA on embeddings, LoRA variants) use PEFT's mixed-adapter batch
   (``adapter_names=["__base__"]*B + [adapter]*B``), the same computation with more per-step
   overhead; where PEFT cannot mix either (DoRA, merged adapters) decoding falls back to the
-  reference engine. Policies that need one branch only (``"base"``, ``"adapter"``, or
-  ``"customized"`` with α0 = 0, where log π1 does not enter eq. (1)) run B rows.
+  reference engine. Policies that need one branch only (``"base"``, ``"adapter"``, ``"customized"``
+  with a full Q̂ and α0 = 0, where log π1 does not enter eq. (1), or with a residual Q̂ and
+  α0 = q_scale, the tied default at strength 1, where π̃ = softmax((q_scale/α̃)·zθ)) run B rows.
 * **reference** (``fast=False``): two separate forwards per token through the public PEFT model, each
   branch with its own KV cache (adapter enabled, then inside ``disable_adapter()``).
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from .backbone import (active_adapter, eos_token_ids, fast_plan, inner_model, is_peft, pad_token_id, projection_head,
                        replaced_forward, SplitRows)
 from .chat import encode_prompt, normalize_prompts
-from .objective import customized_logits
+from .objective import adapter_only_logits, customized_logits
 
 POLICIES = ("customized", "base", "adapter")
 
@@ -91,15 +92,19 @@ def _new_cache(inner):
 # ----------------------------------------------------------------------------------------- engines
 
 
-def _one_branch(policy: str, alpha_0: float, parameterization: str) -> bool:
-    """Whether the policy needs only one branch: π1 alone, softmax(zθ) alone, or a full Q̂ with
-    α0 = 0 (log π1 does not enter eq. 1; a residual Q̂ always needs the base logits)."""
-    return policy != "customized" or (alpha_0 == 0.0 and parameterization == "full")
+def _one_branch(policy: str, alpha_0: float, parameterization: str, q_scale: float = 1.0) -> bool:
+    """Whether the policy needs only one branch: π1 alone, softmax(zθ) alone, a full Q̂ with α0 = 0
+    (log π1 does not enter eq. 1), or a residual Q̂ with α0 = q_scale, the tied default at strength 1:
+    there eq. (1) is q_scale·(zθ − z1 + log π1)/α̃ = (q_scale/α̃)·zθ − (q_scale/α̃)·logsumexp(z1), a
+    per-row constant away from (q_scale/α̃)·zθ, so the base logits change nothing the loop sees."""
+    if policy != "customized":
+        return True
+    return alpha_0 == 0.0 if parameterization == "full" else alpha_0 == q_scale
 
 
-def _fast_supported(model, policy: str, alpha_0: float, parameterization: str = "full") -> bool:
+def _fast_supported(model, policy: str, alpha_0: float, parameterization: str = "full", q_scale: float = 1.0) -> bool:
     """False only where both branches are needed and the adapter cannot share a batch (DoRA, merged)."""
-    if not is_peft(model) or _one_branch(policy, alpha_0, parameterization):
+    if not is_peft(model) or _one_branch(policy, alpha_0, parameterization, q_scale):
         return True
     return fast_plan(model, active_adapter(model))[0] != "reference"
 
@@ -129,8 +134,8 @@ class _Engine:
             return base
         if self.policy == "adapter":
             return q
-        if base is None:  # full Q̂ with α0 = 0: log π1 does not enter eq. (1)
-            return q if self.alpha_tilde == 1.0 else q / self.alpha_tilde
+        if base is None:  # one branch suffices (_one_branch): π̃'s logits up to a per-row constant
+            return adapter_only_logits(q, self.parameterization, self.q_scale, self.alpha_tilde)
         return customized_logits(q, base, parameterization=self.parameterization, q_scale=self.q_scale,
                                  alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
 
@@ -164,7 +169,7 @@ class _FastEngine(_Engine):
         peft = is_peft(model)
         if policy == "base" or not peft:
             self.branches = ("base",)
-        elif _one_branch(policy, alpha_0, parameterization):
+        elif _one_branch(policy, alpha_0, parameterization, q_scale):
             self.branches = ("adapter",)
         else:
             self.branches = ("base", "adapter")
@@ -385,7 +390,8 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
     if engine_factory is not None:
         engine = engine_factory(B)
     else:
-        Engine = _FastEngine if fast and _fast_supported(model, policy, alpha_0, parameterization) else _ReferenceEngine
+        Engine = (_FastEngine if fast and _fast_supported(model, policy, alpha_0, parameterization, q_scale)
+                  else _ReferenceEngine)
         engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B, parameterization, float(q_scale))
     try:
         with torch.inference_mode():

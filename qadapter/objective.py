@@ -99,6 +99,15 @@ def customized_logits(adapter_logits: torch.Tensor, base_logits: torch.Tensor, *
     return composed_logits(q, F.log_softmax(base_logits.float(), dim=-1), alpha_0, alpha_tilde)
 
 
+def adapter_only_logits(q: torch.Tensor, parameterization: str, q_scale: float, alpha_tilde: float) -> torch.Tensor:
+    """π̃'s logits, up to a per-row constant, from the adapter logits alone, where they suffice
+    (:func:`qadapter.generation._one_branch`): zθ/α̃ (a full Q̂ with α0 = 0) or (q_scale/α̃)·zθ (a
+    residual Q̂ with α0 = q_scale). (..., V) -> (..., V)."""
+    if parameterization == "full":
+        return q if alpha_tilde == 1.0 else q / alpha_tilde
+    return q if q_scale == alpha_tilde else q * (q_scale / alpha_tilde)
+
+
 def taken(values_per_action: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Pick the entry of the action taken: (B, L, V), (B, L) int -> (B, L)."""
     return values_per_action.gather(-1, actions.unsqueeze(-1)).squeeze(-1)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qadapter.backbone import causal_lm_logits
+from qadapter.chat import encode_prompt
 from qadapter.generation import generate
 from qadapter.objective import composed_logits, q_values
 
@@ -125,7 +126,8 @@ def hf_new_ids(model, tok, prompts, n, eos=None, **kwargs):
 
 @pytest.mark.parametrize("parameterization,q_scale,alpha_0,alpha_tilde", [
     ("full", 1.0, 0.5, 0.7), ("full", 1.0, 0.01, 1.0), ("full", 1.0, 2.0, 3.0),
-    ("residual", 0.7, 0.7, 0.7), ("residual", 1.0, 0.5, 0.5), ("residual", 1.0, 0.0, 1.0), ("residual", 0.5, 2.0, 3.0)])
+    ("residual", 0.7, 0.7, 0.7), ("residual", 0.7, 0.7, 0.35), ("residual", 1.0, 0.5, 0.5), ("residual", 1.0, 0.0, 1.0),
+    ("residual", 0.5, 2.0, 3.0)])
 def test_greedy_fast_equals_reference_equals_full_recompute(model, tok, parameterization, q_scale, alpha_0, alpha_tilde):
     n = 14
     kw = dict(alpha_0=alpha_0, alpha_tilde=alpha_tilde, max_new_tokens=n, eos_token_id=[], return_ids=True,
@@ -138,10 +140,35 @@ def test_greedy_fast_equals_reference_equals_full_recompute(model, tok, paramete
     # the composition matters: the customized tokens differ from both the base and the adapter alone
     _, base = generate(model, tok, PROMPTS, policy="base", **kw)
     _, adapter = generate(model, tok, PROMPTS, policy="adapter", **kw)
-    if parameterization == "residual" and alpha_0 == alpha_tilde == q_scale:
-        assert fast == adapter  # strength 1 at tied α's: π̃ is exactly the adapter model's own softmax(zθ)
+    if parameterization == "residual" and alpha_0 == q_scale:
+        # α0 = q_scale: π̃ = softmax((q_scale/α̃)·zθ), the adapter model's own softmax(zθ) at α̃ = q_scale
+        # (strength 1 at tied α's) and the same argmax at any α̃
+        assert fast == adapter
     elif alpha_0 >= 0.5:
         assert fast != base and fast != adapter
+
+
+def test_residual_at_alpha0_equal_q_scale_runs_the_adapter_branch_alone(model, tok):
+    """α0 = q_scale (the tied default at strength 1): eq. (1) is (q_scale/α̃)·zθ minus a per-row constant,
+    so the fast engine runs B rows, not 2B; its logits differ from the two-branch composition by a
+    constant per row only. Any other α0 runs both branches."""
+    from qadapter.generation import _FastEngine, left_pad
+    from qadapter.objective import customized_logits
+
+    one = _FastEngine(model, "customized", 0.7, 0.35, 2, "residual", 0.7)
+    both = _FastEngine(model, "customized", 0.5, 0.35, 2, "residual", 0.7)
+    assert one.branches == ("adapter",) and both.branches == ("base", "adapter")
+    ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS[:2]], 0)
+    with torch.no_grad():
+        got = one.prefill(ids, mask, ids.shape[1] + 1)
+        adapter = causal_lm_logits(model, ids, mask)[:, -1].float()
+        with model.disable_adapter():
+            base = causal_lm_logits(model, ids, mask)[:, -1].float()
+    want = customized_logits(adapter, base, parameterization="residual", q_scale=0.7, alpha_0=0.7, alpha_tilde=0.35)
+    offset = got - want
+    assert (offset - offset[:, :1]).abs().max() < 1e-4  # a per-row constant
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    one.close(), both.close()
 
 
 def test_padded_row_equals_the_same_prompt_alone(model, tok):

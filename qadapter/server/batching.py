@@ -34,7 +34,7 @@ import torch
 
 from .. import generation as G
 from ..backbone import eos_token_ids, pad_token_id
-from ..objective import customized_logits
+from ..objective import adapter_only_logits, customized_logits
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
@@ -135,18 +135,21 @@ class BatchDecoder:
         self.device = next(self.model.parameters()).device
         self.stats = stats if stats is not None else collections.Counter()
 
-    def _engine(self, adapter_name: str | None, batch: int):
+    def _engine(self, adapter_name: str | None, batch: int, adapter_only: bool = False):
         """A fast (or, where the adapter cannot share a batch, reference) engine that returns the raw
-        (adapter logits, base logits) of every row instead of one policy's logits."""
+        (adapter logits, base logits) of every row instead of one policy's logits; ``adapter_only``:
+        (adapter logits, None), one branch (every row's policy is a per-row constant away from
+        scaled adapter logits, :func:`qadapter.generation._one_branch`)."""
         if adapter_name is None:
             policy, parameterization = "base", "full"
         else:
             served = self.served.adapters[adapter_name]
             self.model.set_adapter(served.peft_name)
-            policy, parameterization = "customized", "residual"  # any setting that runs both branches
-        fast = G._fast_supported(self.model, policy, 1.0, parameterization)
+            policy, parameterization = ("adapter", "full") if adapter_only else ("customized", "residual")
+        # the α's only choose the branches here (compose is replaced): α0 ≠ q_scale runs both
+        fast = G._fast_supported(self.model, policy, 0.5, parameterization, 1.0)
         Engine = G._FastEngine if fast else G._ReferenceEngine
-        engine = Engine(self.model, policy, 1.0, 1.0, batch, parameterization, 1.0)
+        engine = Engine(self.model, policy, 0.5, 1.0, batch, parameterization, 1.0)
         engine.compose = lambda q, base: (q, base)
         return engine
 
@@ -183,17 +186,24 @@ class BatchDecoder:
         pad_t = torch.tensor(self.pad_id, dtype=torch.long, device=self.device)
         active = [True] * B
 
+        # every row customized at α0 = q_scale (the tied default at strength 1, or a full Q̂ at α0 = 0):
+        # the base branch changes nothing the loop sees, so the batch runs the adapter branch alone
+        adapter_only = settings is not None and None not in groups and all(
+            G._one_branch("customized", alphas[0], settings.parameterization, settings.q_scale) for alphas in groups)
+
         def compose(q, base):
             if len(groups) == 1 and None in groups:
                 return base
-            out = torch.empty_like(base)
+            out = torch.empty_like(q if base is None else base)
             for alphas, idx in groups.items():
                 whole = len(idx) == B
-                b = base if whole else base[idx]
+                z = q if whole else q[idx]
                 if alphas is None:
-                    logits = b
+                    logits = base if whole else base[idx]
+                elif base is None:
+                    logits = adapter_only_logits(z, settings.parameterization, settings.q_scale, alphas[1])
                 else:
-                    logits = customized_logits(q if whole else q[idx], b, parameterization=settings.parameterization,
+                    logits = customized_logits(z, base if whole else base[idx], parameterization=settings.parameterization,
                                                q_scale=settings.q_scale, alpha_0=alphas[0], alpha_tilde=alphas[1])
                 if whole:
                     return logits
@@ -202,7 +212,8 @@ class BatchDecoder:
 
         was_training = self.model.training
         self.model.eval()
-        engine = self._engine(adapter, B)
+        engine = self._engine(adapter, B, adapter_only)
+        self.stats["adapter_only_batches"] += int(adapter_only)
         self.stats["batches"] += 1
         self.stats["rows"] += B
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], B)
