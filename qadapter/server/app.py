@@ -76,6 +76,10 @@ def create_app(served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: 
         card = {"id": name, "object": "model", "created": created, "owned_by": "qadapter"}
         if name == served.base_name:
             card["qadapter"] = {"kind": "base"}
+        elif served.adapters[name].stack is not None:
+            stack = served.adapters[name].stack
+            card["parent"] = served.base_name
+            card["qadapter"] = {"kind": "stack", "adapters": len(stack), "strengths": list(stack.strengths)}
         else:
             s = served.adapters[name].settings
             card["parent"] = served.base_name
@@ -130,8 +134,8 @@ def create_app(served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: 
                     rows[index].cancel()
 
             rows.append(Row(prompt_ids=ids, max_new_tokens=req.max_tokens, emit=emit, adapter=req.adapter,
-                            alphas=req.alphas, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                            seed=req.seed, stop=req.stop))
+                            alphas=req.alphas, strengths=req.strengths, temperature=req.temperature, top_p=req.top_p,
+                            top_k=req.top_k, seed=req.seed, stop=req.stop))
         try:
             sched.submit(rows)
         except QueueFull as exc:
@@ -174,7 +178,8 @@ def create_app(served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: 
     def extra(req):
         return {"model": req.model, "adapter": req.adapter, "strength": req.strength,
                 "alpha_0": req.alphas[0] if req.alphas else None,
-                "alpha_tilde": req.alphas[1] if req.alphas else None}
+                "alpha_tilde": req.alphas[1] if req.alphas else None,
+                **({"strengths": list(req.strengths)} if req.strengths is not None else {})}
 
     async def complete(request: Request, kind: str):
         body = parse_json(await read_body(request))

@@ -35,6 +35,7 @@ import torch
 from .. import generation as G
 from ..backbone import eos_token_ids, pad_token_id
 from ..objective import adapter_only_logits, customized_logits
+from ..stack import stack_logits
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
@@ -60,7 +61,7 @@ class Row:
     """One prompt to decode, with its own settings, and where its tokens go.
 
     ``alphas`` is (α0, α̃) of the customized policy, or None for the base model π1 (then ``adapter``
-    is None). ``temperature == 0`` means greedy. ``emit(event)`` is called from the decoder thread
+    is None) and for a stack (then ``strengths`` holds its per-adapter strengths). ``temperature == 0`` means greedy. ``emit(event)`` is called from the decoder thread
     with ``("delta", text)`` as text becomes final and once with ``("done", finish_reason, n_tokens)``
     (or ``("error", message)``).
     """
@@ -70,6 +71,7 @@ class Row:
     emit: Callable[[tuple], None]
     adapter: str | None = None  # public adapter name; None: the base model
     alphas: tuple[float, float] | None = None
+    strengths: tuple[float, ...] | None = None  # a stack's per-adapter strengths (then alphas is None)
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
@@ -153,21 +155,36 @@ class BatchDecoder:
         engine.compose = lambda q, base: (q, base)
         return engine
 
+    def _stack_engine(self, stack, batch: int, all_ones: bool):
+        """A stack's fast engine (or its reference engine, where some LoRA layer is not plain) that
+        returns the raw branches [z_0, ..., z_k] (``all_ones``: [z_k]) instead of one policy's logits."""
+        from ..stack import StackFastEngine, StackReferenceEngine, _stack_plan
+
+        # only the stack's adapters active: a LoRA layer the fast engine does not replace (it holds none of
+        # the stack's adapters) must not apply another served adapter
+        stack._activate(len(stack))
+        strengths = [1.0 if all_ones else 0.5] * len(stack)  # only chooses the branches: compose is replaced
+        Engine = StackFastEngine if _stack_plan(stack) is not None else StackReferenceEngine
+        engine = Engine(stack, "customized", strengths, batch)
+        engine._compose = lambda levels: levels
+        return engine
+
     def decode(self, rows: list[Row]) -> None:
         adapters = {r.adapter for r in rows if r.adapter is not None}
         if len(adapters) > 1:
             raise ValueError(f"one batch decodes one adapter, got {sorted(adapters)}")
         adapter = next(iter(adapters), None)
         settings = self.served.adapters[adapter].settings if adapter else None
+        stack = self.served.adapters[adapter].stack if adapter else None
         B = len(rows)
         input_ids, attention_mask = G.left_pad([r.prompt_ids for r in rows], self.pad_id, self.device)
         P = input_ids.shape[1]
         T = max(r.max_new_tokens for r in rows)
         texts = [_Text(self.tokenizer, self.served.tokenizer_lock, r.stop) for r in rows]
-        # rows grouped by policy: None = base, else (α0, α̃); each group composed by one call
+        # rows grouped by policy: None = base, else (α0, α̃) (a stack: its strengths); one call per group
         groups: dict = collections.defaultdict(list)
         for i, r in enumerate(rows):
-            groups[r.alphas].append(i)
+            groups[r.strengths if stack is not None and r.adapter is not None else r.alphas].append(i)
         groups = {k: torch.tensor(v, device=self.device) for k, v in groups.items()}
         processors, generators = [], []
         for r in rows:
@@ -188,8 +205,26 @@ class BatchDecoder:
 
         # every row customized at α0 = q_scale (the tied default at strength 1, or a full Q̂ at α0 = 0):
         # the base branch changes nothing the loop sees, so the batch runs the adapter branch alone
-        adapter_only = settings is not None and None not in groups and all(
-            G._one_branch("customized", alphas[0], settings.parameterization, settings.q_scale) for alphas in groups)
+        # (a stack: every row at all strengths 1 runs z_k, the network with every adapter, alone)
+        if stack is not None:
+            adapter_only = None not in groups and all(all(x == 1.0 for x in key) for key in groups)
+        else:
+            adapter_only = settings is not None and None not in groups and all(
+                G._one_branch("customized", alphas[0], settings.parameterization, settings.q_scale) for alphas in groups)
+
+        def compose_stack(levels):
+            """Per row group, the stacked policy's logits from the branches z_0..z_k (or z_k alone)."""
+            if adapter_only:
+                return levels[0]
+            out = torch.empty_like(levels[0])
+            for key, idx in groups.items():
+                whole = len(idx) == B
+                parts = levels if whole else [z[idx] for z in levels]
+                logits = parts[0] if key is None else stack_logits(parts, key)
+                if whole:
+                    return logits
+                out[idx] = logits
+            return out
 
         def compose(q, base):
             if len(groups) == 1 and None in groups:
@@ -212,7 +247,7 @@ class BatchDecoder:
 
         was_training = self.model.training
         self.model.eval()
-        engine = self._engine(adapter, B, adapter_only)
+        engine = self._stack_engine(stack, B, adapter_only) if stack is not None else self._engine(adapter, B, adapter_only)
         self.stats["adapter_only_batches"] += int(adapter_only)
         self.stats["batches"] += 1
         self.stats["rows"] += B
@@ -221,7 +256,8 @@ class BatchDecoder:
             with torch.inference_mode():
                 seqs = torch.empty((B, P + T), dtype=torch.long, device=self.device)
                 seqs[:, :P] = input_ids
-                logits = compose(*engine.prefill(input_ids, attention_mask, P + T))
+                combine = compose_stack if stack is not None else (lambda branches: compose(*branches))
+                logits = combine(engine.prefill(input_ids, attention_mask, P + T))
                 for step in range(T):
                     cur = P + step
                     tokens = torch.empty(B, dtype=torch.long, device=self.device)
@@ -256,7 +292,7 @@ class BatchDecoder:
                             r.emit(("done", r.finish_reason, len(r.new_ids)))
                     if not any(active):
                         break
-                    logits = compose(*engine.step(tokens))
+                    logits = combine(engine.step(tokens))
         except BaseException as exc:
             for i, r in enumerate(rows):
                 if r.finish_reason is None:

@@ -21,7 +21,7 @@ MAX_SEED = 2**63 - 1
 STRENGTH_MAX, ALPHA_MAX, ALPHA_TILDE_MIN = 1000.0, 1e4, 1e-3
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
-          "strength", "alpha_0", "alpha_tilde", "top_k"}
+          "strength", "strengths", "alpha_0", "alpha_tilde", "top_k"}
 #: fields a client may send with their "off" value; anything else is not supported
 IGNORED_IF_OFF = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
                   "logit_bias": (None, {}), "logprobs": (None, False), "top_logprobs": (None, 0),
@@ -136,6 +136,7 @@ class DecodeRequest:
     include_usage: bool
     alphas: tuple[float, float] | None
     strength: float | None
+    strengths: tuple[float, ...] | None = None  # a stack's per-adapter strengths (then alphas is None)
 
 
 @dataclass
@@ -252,7 +253,32 @@ def _stop(body) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _stack_strengths(body, served, adapter_name, model) -> tuple[float, ...]:
+    """A stack's per-adapter strengths: ``strengths`` (one number per adapter, each >= 0) or one
+    ``strength`` for all (default: the saved ones); α's do not apply to a stack."""
+    stack = served.adapters[adapter_name].stack
+    for name in ("alpha_0", "alpha_tilde"):
+        if body.get(name) is not None:
+            raise bad(name, f"{name} does not apply to {model!r}, a stack of {len(stack)} adapters: give strengths "
+                      f"(one number per adapter) or strength (one for all)")
+    values = body.get("strengths")
+    if values is not None and body.get("strength") is not None:
+        raise bad("strengths", "give strengths or strength, not both")
+    if values is None:
+        one = _number(body, "strength", 0.0, STRENGTH_MAX)
+        return tuple(stack.strengths) if one is None else (one,) * len(stack)
+    if not isinstance(values, list):
+        raise bad("strengths", f"strengths must be an array of numbers, got {_kind(values)}")
+    if len(values) != len(stack):
+        raise bad("strengths", f"strengths must hold {len(stack)} numbers (one per adapter of {model!r}), "
+                  f"got {len(values)}")
+    return tuple(_number({f"strengths[{i}]": v}, f"strengths[{i}]", 0.0, STRENGTH_MAX) for i, v in enumerate(values))
+
+
 def _strength(body, served, adapter_name, model):
+    if body.get("strengths") is not None and (adapter_name is None or served.adapters[adapter_name].stack is None):
+        raise bad("strengths", f"strengths sets a stack's per-adapter strengths; {model!r} is not a stack "
+                  "(use strength)")
     strength = _number(body, "strength", 0.0, STRENGTH_MAX, lo_open=True)
     alpha_0 = _number(body, "alpha_0", 0.0, ALPHA_MAX)
     alpha_tilde = _number(body, "alpha_tilde", ALPHA_TILDE_MIN, ALPHA_MAX)
@@ -309,7 +335,11 @@ def validate(body: dict, kind: str, served, limits: Limits) -> DecodeRequest:
     top_k = None if top_k in (None, -1, 0) else top_k
     seed = _integer(body, "seed", 0, MAX_SEED)
     stop = _stop(body)
-    alphas, strength = _strength(body, served, adapter, model)
+    strengths = None
+    if adapter is not None and served.adapters[adapter].stack is not None:
+        alphas, strength, strengths = None, None, _stack_strengths(body, served, adapter, model)
+    else:
+        alphas, strength = _strength(body, served, adapter, model)
 
     if kind == "chat":
         messages = _messages(body)
@@ -340,4 +370,4 @@ def validate(body: dict, kind: str, served, limits: Limits) -> DecodeRequest:
                   f"of {context} tokens (at most {context - longest} here)", "context_length_exceeded")
     return DecodeRequest(kind=kind, model=model, adapter=adapter, prompts=prompts, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, stream=stream,
-                         include_usage=include_usage, alphas=alphas, strength=strength)
+                         include_usage=include_usage, alphas=alphas, strength=strength, strengths=strengths)
