@@ -288,10 +288,14 @@ def test_method_specs_parse_apply_and_name_their_errors():
     assert (j2.method, c2.max_steps, c2.learning_rate, config.max_steps) == ("sft", 20, 1e-4, 5)
     assert parse_method_spec("dpo:beta=1").apply(job, config)[0].dpo_beta == 1.0
     assert parse_method_spec("sft_kl:kl_weight=2").apply(job, config)[0].kl_weight == 2.0
+    # DPO at β = B through the residual objective: the χ² term off (β = 0 is allowed there), α̃ = B
+    _, c3 = parse_method_spec("qadapter:beta=0,alpha_tilde=0.3").apply(job, config)
+    assert (c3.beta, c3.alpha_tilde, c3.alpha_0, c3.parameterization) == (0.0, 0.3, 0.3, "residual")
     for bad, words in [("dpo:bta=1", ["'dpo:bta=1'", "no setting 'bta'", "beta"]),
                        ("ppo:beta=1", ["'ppo:beta=1'", "unknown method 'ppo'", "sft_kl"]),
                        ("sft:max_steps=many", ["'sft:max_steps=many'", "not a int"]),
-                       ("dpo:beta", ["'dpo:beta'", "NAME=VALUE"]), ("dpo:beta=-1", ["must be > 0"])]:
+                       ("dpo:beta", ["'dpo:beta'", "NAME=VALUE"]), ("dpo:beta=-1", ["must be > 0"]),
+                       ("dpo:beta=0", ["must be > 0"]), ("qadapter:beta=-1", ["must be >= 0"])]:
         with pytest.raises(ValueError) as e:
             parse_method_spec(bad)
         assert all(w in str(e.value) for w in words), str(e.value)

@@ -26,6 +26,7 @@ class MethodParam:
     field: str
     type: type
     label: str
+    zero_ok: bool = False  # 0 is a valid value (else a setting must be > 0)
 
 
 #: every method ``run_comparison`` trains, and the settings its spec (``method:name=value,...``) may
@@ -35,7 +36,9 @@ _BUDGET = {"max_steps": MethodParam("config", "max_steps", int, "steps"),
 
 
 METHOD_REGISTRY: dict[str, dict[str, MethodParam]] = {
-    "qadapter": {**_BUDGET, "beta": MethodParam("config", "beta", float, "β (χ²)")},
+    # beta=0 drops the χ² term: the residual objective is then DPO's loss with β = alpha_tilde, exactly
+    "qadapter": {**_BUDGET, "beta": MethodParam("config", "beta", float, "β (χ²)", zero_ok=True),
+                 "alpha_tilde": MethodParam("config", "alpha_tilde", float, "α̃")},
     "sft": dict(_BUDGET),
     "replay": dict(_BUDGET),
     "dpo": {**_BUDGET, "beta": MethodParam("job", "dpo_beta", float, "β")},
@@ -74,11 +77,14 @@ class MethodSpec:
         job_changes = {METHOD_REGISTRY[self.method][k].field: v for k, v in self.params
                        if METHOD_REGISTRY[self.method][k].target == "job"}
         job = dataclasses.replace(job, method=self.method, **job_changes)
+        tied = config.alpha_0 == config.alpha_tilde  # α0 resolved to α̃ by QAdapterConfig (residual default)
         config = copy.deepcopy(config)
         for k, v in self.params:
             param = METHOD_REGISTRY[self.method][k]
             if param.target == "config":
                 setattr(config, param.field, v)
+        if tied and "alpha_tilde" in dict(self.params) and "alpha_0" not in dict(self.params):
+            config.alpha_0 = config.alpha_tilde  # a spec's α̃ keeps the α's tied
         return job, config
 
 
@@ -108,8 +114,9 @@ def parse_method_spec(text: "str | MethodSpec") -> MethodSpec:
             number = known[key].type(value.strip())
         except ValueError:
             raise ValueError(f"method spec {spec!r}: {key}={value.strip()!r} is not a {known[key].type.__name__}") from None
-        if not number > 0:
-            raise ValueError(f"method spec {spec!r}: {key} must be > 0, got {value.strip()}")
+        if not (number > 0 or (number == 0 and known[key].zero_ok)):
+            raise ValueError(f"method spec {spec!r}: {key} must be {'>= 0' if known[key].zero_ok else '> 0'}, "
+                             f"got {value.strip()}")
         params[key] = number
     if rest.strip() == "" and ":" in spec:
         raise ValueError(f"method spec {spec!r}: nothing after ':' (give NAME=VALUE, or the plain method name)")
