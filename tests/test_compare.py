@@ -416,3 +416,48 @@ def test_frontier_trains_each_spec_once_and_evaluates_every_strength_of_one_adap
     assert again.trained == [] and again.computed == []
     more = run_comparison(out, job, config, **{**kw, "strengths": strengths + [8]})
     assert sorted(more.computed) == sorted(("qadapter@8", e) for e in evaluations)
+
+
+def test_compare_on_an_earlier_customization_trains_stacks_and_measures_against_the_original_base(setup):
+    """`qadapter compare --on DIR`: every spec trains the next level on the earlier customization
+    (saved as a stack), the earlier one is a point of its own ("start"), margins and KL are against
+    the ORIGINAL base, and a Q-Adapter's strengths scale its own level only."""
+    import dataclasses
+
+    from qadapter.evaluation import base_policy, evaluate_preferences, load_policy
+    from qadapter.recipes.train import run_training
+    from qadapter.stack import QAdapterStack
+
+    job, config = job_and_config(setup, output_dir=str(setup / "on_first"))
+    run_training(job, config, log=lambda *a: None)
+    first = setup / "on_first" / "adapter"
+    job, config = job_and_config(setup)
+    job = dataclasses.replace(job, on=str(first))
+    out = setup / "on_out"
+    kw = comparison_kwargs(setup, methods=["qadapter", "dpo"], strengths=[0.5, 1], benchmarks=["kl"],
+                           train_judge=False, limits={"kl": 3, "preferences": 4})
+    res = run_comparison(out, job, config, **kw)
+    assert res.policies == ["base", "start", "qadapter@0.5", "qadapter@1", "dpo"]
+    held_out = [json.loads(line) for line in (out / "qadapter" / "split" / "held_out.jsonl").open()]
+    for name, folder, strengths in (("qadapter@0.5", out / "qadapter" / "adapter", [1.0, 0.5]),
+                                    ("dpo", out / "dpo" / "adapter", None), ("start", first, None)):
+        policy = load_policy(folder, base_model=job.model)
+        if name != "start":
+            assert isinstance(policy, QAdapterStack) and len(policy) == 2
+        if strengths:
+            policy.strengths = strengths
+        direct = evaluate_preferences(policy, base_policy(policy), held_out, limit=4, seed=0, batch_size=4,
+                                      progress=False)
+        got = res.results[name]["preferences"]["samples"]
+        assert [x["margin"] for x in got] == pytest.approx([x["margin"] for x in direct.samples], abs=1e-5)
+        assert [x["base_logp_chosen"] for x in got] == pytest.approx(  # the original base, for every point
+            [x["base_logp_chosen"] for x in res.results["start"]["preferences"]["samples"]], abs=1e-5)
+    margins = {p: res.results[p]["preferences"]["metrics"]["mean_margin"]["value"] for p in res.policies[1:4]}
+    assert len(set(np.round(list(margins.values()), 9))) == 3  # start, and the new level at two strengths
+    assert res.results["start"]["kl"]["metrics"]["kl"]["value"] > 0  # the earlier customization drifted already
+    md = (out / "results.md").read_text()
+    assert "| start |" in md
+    again = run_comparison(out, job, config, **kw)
+    assert again.trained == [] and again.computed == []
+    with pytest.raises(ValueError, match="other settings"):  # another starting point is another comparison
+        run_comparison(out, dataclasses.replace(job, on=str(setup / "elsewhere")), config, **kw)

@@ -126,21 +126,23 @@ def parse_method_spec(text: "str | MethodSpec") -> MethodSpec:
 @dataclass(frozen=True)
 class PolicyPoint:
     """One evaluated policy, a point of the frontier: the base model, a trained spec, or a
-    Q-Adapter spec decoded at ``strength`` (``qadapter@0.5``: one trained adapter, many points)."""
+    Q-Adapter spec decoded at ``strength`` (``qadapter@0.5``: one trained adapter, many points);
+    ``start``: the earlier customization every spec was trained on (``--on DIR``), as it was."""
 
-    spec: MethodSpec | None  # None: the base model
+    spec: MethodSpec | None  # None: the base model (or, with start, the --on policy)
     strength: float | None = None
+    start: bool = False
 
     @property
     def name(self) -> str:
         if self.spec is None:
-            return "base"
+            return "start" if self.start else "base"
         return self.spec.name + ("" if self.strength is None else f"@{number_text(float(self.strength))}")
 
     @property
     def folder(self) -> str:
         if self.spec is None:
-            return "base"
+            return self.name
         return self.spec.folder + ("" if self.strength is None else f"@{number_text(float(self.strength))}")
 
     @property
@@ -148,7 +150,7 @@ class PolicyPoint:
         """The curve this point is drawn on: a Q-Adapter's strengths join per trained adapter, a
         baseline's settings join per method."""
         if self.spec is None:
-            return "base"
+            return self.name
         return self.spec.name if self.strength is not None else self.spec.method
 
     def setting_label(self) -> str:
@@ -160,10 +162,12 @@ class PolicyPoint:
         return ", ".join(parts)
 
 
-def policy_points(specs: Sequence[MethodSpec], strengths: Sequence[float] | None = None) -> list[PolicyPoint]:
-    """The evaluated points (base first): every Q-Adapter spec at every decode-time strength
-    (at its trained setting when ``strengths`` is None), every other spec once."""
-    points = [PolicyPoint(None)]
+def policy_points(specs: Sequence[MethodSpec], strengths: Sequence[float] | None = None,
+                  start: bool = False) -> list[PolicyPoint]:
+    """The evaluated points (base first, then the ``start`` policy where the specs were trained on
+    an earlier customization): every Q-Adapter spec at every decode-time strength (at its trained
+    setting when ``strengths`` is None), every other spec once."""
+    points = [PolicyPoint(None)] + ([PolicyPoint(None, start=True)] if start else [])
     for spec in specs:
         if spec.method == "qadapter" and strengths:
             points += [PolicyPoint(spec, float(s)) for s in strengths]
@@ -175,7 +179,7 @@ def policy_points(specs: Sequence[MethodSpec], strengths: Sequence[float] | None
 # --------------------------------------------------------------------------- several strengths, one forward
 def point_record(point: PolicyPoint) -> dict[str, Any]:
     return {"name": point.name, "folder": point.folder, "curve": point.curve,
-            "method": point.spec.method if point.spec else "base", "spec": point.spec.name if point.spec else None,
+            "method": point.spec.method if point.spec else point.name, "spec": point.spec.name if point.spec else None,
             "params": dict(point.spec.params) if point.spec else {}, "strength": point.strength,
             "setting": point.setting_label()}
 

@@ -74,6 +74,8 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
     from ...evaluation import RewardModelJudge, base_policy, load_policy
     from ...evaluation.stats import make_metric, subsample, ties_half
     from ...evaluation.tasks import DEFAULT_BBH_TASKS
+    from ...modeling import QAdapter
+    from ...stack import QAdapterStack
     from ...trainer.reward_judge import train_reward_judge
     from ..config import parse_train_args
     from ..train import run_training
@@ -97,7 +99,7 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
             raise ValueError(f"strengths must be distinct finite numbers > 0; got {strengths}")
         if not any(sp.method == "qadapter" for sp in specs):
             raise ValueError("strengths apply to a Q-Adapter: add a qadapter spec to the methods")
-    points = policy_points(specs, strengths)
+    points = policy_points(specs, strengths, start=bool(getattr(job, "on", None)))
     unknown = sorted(set(benchmarks) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose among {', '.join(BENCHMARKS)}")
@@ -269,7 +271,13 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
         else:
             groups.append((point.spec, [point]))
     for spec, group in groups:
-        policy_fp = f"model:{job.model}" if spec is None else adapter_fingerprint(out / spec.folder / "adapter")
+        start = group[0].start
+        if start:  # the earlier customization (a Q-Adapter or a stack folder) every spec was trained on
+            policy_fp = f"on:{Path(job.on).resolve()}:{folder_stamp(Path(job.on))}"
+        elif spec is None:
+            policy_fp = f"model:{job.model}"
+        else:
+            policy_fp = adapter_fingerprint(out / spec.folder / "adapter")
         todos: dict[str, list] = {}
         for point in group:
             folder = out / "eval" / point.folder
@@ -289,18 +297,26 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
                 log(f"{point.name}: every evaluation cached in {folder}")
         if not todos:
             continue
-        if spec is None:
+        if spec is None and not start:
             policy = load_policy(job.model, device=device, dtype=dtype)
             base = policy
-        else:
-            policy = load_policy(out / spec.folder / "adapter", base_model=job.model, device=device, dtype=dtype)
+        else:  # trained on --on: a stack, whose base view is the ORIGINAL base (margins and KL against it)
+            folder = Path(job.on) if start else out / spec.folder / "adapter"
+            policy = load_policy(folder, base_model=job.model, device=device, dtype=dtype)
             base = base_policy(policy)
-        saved_alphas = (policy.settings.alpha_0, policy.settings.alpha_tilde) if hasattr(policy, "settings") else None
+        stack = isinstance(policy, QAdapterStack)
+        saved_alphas = (policy.settings.alpha_0, policy.settings.alpha_tilde) if isinstance(policy, QAdapter) else None
+        saved_strengths = list(policy.strengths) if stack else None
         alphas: dict[str, tuple[float, float]] = {}
         for point in group:
             if point.strength is not None:
                 try:
-                    alphas[point.name] = policy.settings.decoding_alphas(strength=point.strength)
+                    if stack:  # the strength of the level this spec trained; the earlier ones as saved
+                        if policy.settings[-1].parameterization != "residual":
+                            raise ValueError("strength applies to a residual Q-Adapter level")
+                        alphas[point.name] = tuple(saved_strengths[:-1]) + (float(point.strength),)
+                    else:
+                        alphas[point.name] = policy.settings.decoding_alphas(strength=point.strength)
                 except (AttributeError, ValueError) as e:
                     raise ValueError(f"{spec.name} at strength {point.strength:g}: {e}") from None
         # the scorer-based evaluations of every strength still to do: one scorer call for them all
@@ -309,7 +325,7 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
             entry = REGISTRY[evaluation]
             wanted = [pt for pt in group if pt.strength is not None and evaluation in
                       {e for e, *_ in todos.get(pt.name, [])}]
-            if entry.at_strengths is None or len(wanted) < 2:
+            if entry.at_strengths is None or len(wanted) < 2 or stack:  # a stack: each strength by itself
                 continue
             log(f"{spec.name}: {evaluation} at strengths {', '.join(f'{pt.strength:g}' for pt in wanted)} "
                 "from the same forwards")
@@ -321,7 +337,9 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
                 policy_name = point.name
                 if policy_name not in todos:
                     continue
-                if policy_name in alphas:
+                if stack:
+                    policy.strengths = list(alphas.get(policy_name, saved_strengths))
+                elif policy_name in alphas:
                     policy.settings.alpha_0, policy.settings.alpha_tilde = alphas[policy_name]
                 elif saved_alphas is not None:
                     policy.settings.alpha_0, policy.settings.alpha_tilde = saved_alphas
@@ -346,13 +364,15 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
         finally:
             if saved_alphas is not None:
                 policy.settings.alpha_0, policy.settings.alpha_tilde = saved_alphas
+            if saved_strengths is not None:
+                policy.strengths = saved_strengths
         del policy, base
         free_memory()
 
     # ---- 4. write the tables and the plot
     lora = (f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
             f"target modules {config.lora_target_modules}")
-    info = {"model": job.model, "data": reports[specs[0].name].get("data", job.data), "split": split_info,
+    info = {"model": job.model, "on": getattr(job, "on", None), "data": reports[specs[0].name].get("data", job.data), "split": split_info,
             "train_seed": config.seed, "eval_seed": eval_seed, "lora": lora, "commands": commands,
             "train_commands": train_commands, "training_settings": fingerprint, "reports": reports,
             "judge": judge_info, "limits": limits, "bbh_tasks": bbh_tasks, "max_new_tokens": max_new_tokens,
