@@ -17,7 +17,9 @@ and the error count. The last line is
     RESULT serve_concurrency_speedup=<aggregate tok/s, concurrent / alone> serve_p50_latency_s=...
            serve_p95_latency_s=... serve_p50_ttft_s=... serve_p95_ttft_s=... serve_errors=<count>
 
-(latencies of the concurrent phase). Usage: python bench/serve.py [--clients 16] [--max-tokens 64]
+(latencies of the concurrent phase; ``--compare-dynamic`` adds the same concurrent phase against a
+server with ``--no-continuous-batching``: ``dynamic_speedup``, ``dynamic_p50_ttft_s``, ...).
+Usage: python bench/serve.py [--clients 16] [--max-tokens 64] [--compare-dynamic]
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ def start_server(adapter: Path, threads: int, args, *extra: str) -> tuple[subpro
             return proc, line.split(" on ")[1].split("/v1")[0]
     proc.kill()
     raise RuntimeError("qadapter serve did not start in 600 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def one_request(http, url, prompt, max_tokens) -> dict:
@@ -178,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the server (0: torch's default, every core, as `qadapter serve` runs)")
     p.add_argument("--time-limit", type=float, default=300.0, help="no new request after this many seconds, per phase")
+    p.add_argument("--compare-dynamic", action="store_true",
+                   help="also run the concurrent phase against a server with --no-continuous-batching (the "
+                        "baseline of continuous batching, same run)")
     args = p.parse_args(argv)
     for name in ("clients", "requests", "single_requests", "max_tokens"):
         if getattr(args, name) < 1:
@@ -199,17 +212,26 @@ def main(argv=None) -> int:
             many = asyncio.run(phase(url, args.clients, args.requests, args.max_tokens, args.time_limit))
             report(f"{args.clients} clients", many)
         finally:
-            proc.terminate()
+            stop_server(proc)
+        dynamic = None
+        if args.compare_dynamic:
+            proc, url = start_server(adapter, args.threads, args, "--no-continuous-batching")
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                asyncio.run(phase(url, 1, 1, 8, args.time_limit))  # warm-up
+                dynamic = asyncio.run(phase(url, args.clients, args.requests, args.max_tokens, args.time_limit))
+                report(f"{args.clients} clients, --no-continuous-batching", dynamic)
+            finally:
+                stop_server(proc)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     speedup = many["tok_s"] / alone["tok_s"] if alone["tok_s"] > 0 else float("nan")
-    errors = len(alone["errors"]) + len(many["errors"])
-    print(f"RESULT serve_concurrency_speedup={speedup:.2f} serve_p50_latency_s={pct(many['latencies'], .5):.2f} "
-          f"serve_p95_latency_s={pct(many['latencies'], .95):.2f} serve_p50_ttft_s={pct(many['ttfts'], .5):.2f} "
-          f"serve_p95_ttft_s={pct(many['ttfts'], .95):.2f} serve_errors={errors}")
+    errors = len(alone["errors"]) + len(many["errors"]) + (len(dynamic["errors"]) if dynamic else 0)
+    line = (f"RESULT serve_concurrency_speedup={speedup:.2f} serve_p50_latency_s={pct(many['latencies'], .5):.2f} "
+            f"serve_p95_latency_s={pct(many['latencies'], .95):.2f} serve_p50_ttft_s={pct(many['ttfts'], .5):.2f} "
+            f"serve_p95_ttft_s={pct(many['ttfts'], .95):.2f} serve_errors={errors}")
+    if dynamic:
+        line += (f" dynamic_speedup={dynamic['tok_s'] / alone['tok_s']:.2f} "
+                 f"dynamic_p50_ttft_s={pct(dynamic['ttfts'], .5):.2f} dynamic_p95_ttft_s={pct(dynamic['ttfts'], .95):.2f}")
+    print(line)
     return 0 if errors == 0 else 1
 
 

@@ -38,7 +38,7 @@ softmax(Q̂) (the adapter model's own ``generate()``), as does ``policy="customi
 α̃ = 1; with an untrained adapter (Q̂ = base logits) ``"customized"`` is π1 sharpened by
 (1 + α0)/α̃, so α̃ = 1 + α0 recovers π1 exactly in distribution.
 
-Why one module of ~430 lines: the fast engine and the reference engine are the two halves of one
+Why one module of ~490 lines: the fast engine and the reference engine are the two halves of one
 exactness claim (same tokens), and the decoding loop they share; splitting them would spread it.
 """
 
@@ -249,6 +249,54 @@ class _FastEngine(_Engine):
         mask, positions = self._advance()
         ids = (tokens.repeat(2) if self.two else tokens)[:, None]
         return self._forward(ids, mask, positions)
+
+    def can_adopt(self) -> bool:
+        """Whether :meth:`adopt` can move this engine's rows: a cache of plain full-attention layers."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+    def adopt(self, parts, total_len: int) -> None:
+        """Continue the rows of other engines (continuous batching): this fresh engine, built for
+        B = Σ len(rows) rows with the same branches, takes over their KV caches, masks and positions.
+
+        ``parts``: [(engine, row indices)], in the order of this engine's rows (every engine already
+        prefilled, :meth:`can_adopt`). Each branch's rows form one block of B (base rows first, as
+        :meth:`prefill` lays them out), so rows are picked per block. Rows whose cache is shorter
+        are left-padded with zeros under a 0 mask: attention gives them weight exactly 0 and the
+        positions (counted on the mask) do not change, so every row decodes what it decoded before.
+        ``total_len``: the mask's length, ≥ the longest cache + the tokens still to feed.
+        """
+        copies = 2 if self.two else 1
+        if sum(len(rows) for _, rows in parts) != self.B or any(e.branches != self.branches for e, _ in parts):
+            raise ValueError("adopt: the parts' rows must fill this engine and run the same branches")
+        L = max(e.length for e, _ in parts)
+        picks = [(e, torch.tensor([c * e.B + i for i in rows], dtype=torch.long, device=e.mask.device))
+                 for c in range(copies) for e, rows in parts]  # block by block: this engine's row order
+
+        def gather(tensor_of, dim_len):  # (rows, ..., T, ...) pieces, left-padded to L along dim_len
+            out = []
+            for e, idx in picks:
+                t = tensor_of(e).index_select(0, idx)
+                pad = L - e.length
+                if pad:
+                    shape = list(t.shape)
+                    shape[dim_len] = pad
+                    t = torch.cat([t.new_zeros(shape), t], dim=dim_len)
+                out.append(t)
+            return torch.cat(out)
+
+        mask = gather(lambda e: e.mask[:, :e.length], 1)
+        self.mask = torch.ones((mask.shape[0], total_len), dtype=mask.dtype, device=mask.device)
+        self.mask[:, :L] = mask
+        self.next_pos = torch.cat([e.next_pos.index_select(0, idx) for e, idx in picks])
+        self.length = L
+        self.cache = _new_cache(self.inner)
+        for j in range(len(parts[0][0].cache.layers)):
+            keys = gather(lambda e: e.cache.layers[j].keys, 2)
+            values = gather(lambda e: e.cache.layers[j].values, 2)
+            self.cache.update(keys, values, j)
 
     def close(self):
         self._stack.close()

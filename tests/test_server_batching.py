@@ -145,3 +145,102 @@ def test_scheduler_queue_bound_grouping_and_close(setup):
     assert [r.adapter for r in sched._take()] == ["tiny-full"]
     sched.close()
     assert sched._take() is None
+
+
+def more_specs(served):
+    """specs() plus rows of the other kinds a running batch may take in: a second one-branch row
+    (the trained policy, strength 1) and a second base row."""
+    tok = served.tokenizer
+    a = served.adapters["tiny"].settings
+    msgs = lambda text: encode_prompt(tok, [{"role": "user", "content": text}])  # noqa: E731
+    return {**specs(served),
+            "greedy2": dict(prompt_ids=msgs("w9 w8 w7 w6 w5"), max_new_tokens=14, adapter="tiny",
+                            alphas=a.decoding_alphas(strength=1.0)),
+            "base2": dict(prompt_ids=msgs("w40 w41 w42"), max_new_tokens=9, adapter=None, alphas=None)}
+
+
+def decode_with_joiners(served, first, later, at_call):
+    """Decode rows ``first``; at the ``at_call``-th call of admit (between two tokens), offer the
+    rows ``later``: those that fit join the running batch. Returns (ids by name, joined names, stats)."""
+    s = more_specs(served)
+    rows = {name: Row(emit=lambda event: None, **s[name]) for name in first}
+    offered = {name: Row(emit=lambda event: None, **s[name]) for name in later}
+    joined, calls = [], [0]
+
+    def admit(fits, n):
+        calls[0] += 1
+        if calls[0] != at_call:
+            return []
+        take = [name for name, r in offered.items() if fits(r)][:n]
+        joined.extend(take)
+        return [offered[name] for name in take]
+
+    decoder = BatchDecoder(served)
+    decoder.decode(list(rows.values()), admit=admit)
+    ids = {name: r.new_ids for name, r in {**rows, **offered}.items() if name in rows or name in joined}
+    return ids, joined, decoder.stats
+
+
+@pytest.mark.parametrize("first, later, at_call, expect_joined", [
+    # two branches running: rows of the same adapter at any strength, sampled ones and base rows all fit
+    (["strong", "base"], ["sampled", "alphas", "greedy2"], 3, ["sampled", "alphas", "greedy2"]),
+    # one branch running (strength 1): only rows that need no base branch fit
+    (["greedy"], ["strong", "greedy2", "base2"], 2, ["greedy2"]),
+    # the base model alone: only base rows
+    (["base"], ["greedy", "base2"], 5, ["base2"]),
+    # the running rows have all finished (12 tokens): the newcomers continue the batch by themselves
+    (["strong"], ["alphas", "base2"], 12, ["alphas", "base2"]),
+])
+def test_rows_joining_a_running_batch_decode_what_they_decode_alone(setup, first, later, at_call, expect_joined):
+    """Continuous batching: a row admitted between two tokens of a running batch (prefilled by
+    itself, its KV cache merged into the batch's) decodes the same tokens as alone, and so do the
+    rows it joins; rows that need another engine are not taken in."""
+    served, qas = setup
+    ids, joined, stats = decode_with_joiners(served, first, later, at_call)
+    assert joined == expect_joined
+    assert stats["rows_joined_running_batch"] == len(expect_joined)
+    s = more_specs(served)
+    for name, got in ids.items():
+        alone = decode(served, [name])[name] if name in specs(served) else None
+        if alone is None:
+            row = Row(emit=lambda event: None, **s[name])
+            BatchDecoder(served).decode([row])
+            alone = row.new_ids
+        assert got == alone, (name, first, later)
+        assert got == reference(qas["tiny"], s[name]), name
+
+
+def test_scheduler_lets_a_late_request_join_the_running_batch(setup):
+    """Through the scheduler: a request arriving while a long one decodes starts at once (it joins
+    the running batch between two tokens) and ends long before it; with continuous=False it waits
+    for the running batch to end."""
+    served, _ = setup
+    s = more_specs(served)
+    for continuous in (True, False):
+        sched = Scheduler(served, max_batch=4, max_queue=8, batch_wait=0.0, continuous=continuous).start()
+        events = []
+        done = {name: threading.Event() for name in ("long", "late")}
+        started = threading.Event()
+
+        def emitter(name):
+            def emit(event):
+                events.append((name, event[0]))
+                if name == "long" and event[0] == "delta":
+                    started.set()
+                if event[0] in ("done", "error"):
+                    done[name].set()
+            return emit
+
+        long_row = Row(emit=emitter("long"), **dict(s["strong"], max_new_tokens=60))
+        # no stop at eos for the long row: it must still be running when the late one arrives
+        sched.decoder.eos = []
+        try:
+            sched.submit([long_row])
+            assert started.wait(30)
+            sched.submit([Row(emit=emitter("late"), **s["alphas"])])
+            assert done["late"].wait(60) and done["long"].wait(60)
+        finally:
+            sched.close()
+        finished = [name for name, kind in events if kind == "done"]
+        assert finished == (["late", "long"] if continuous else ["long", "late"]), continuous
+        assert sched.stats["rows_joined_running_batch"] == (1 if continuous else 0)

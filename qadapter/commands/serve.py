@@ -32,6 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="at most this many prompts waiting; more get 429 with Retry-After (64)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0,
                         help="how long the first waiting request waits for others to join its batch (10 ms)")
+    parser.add_argument("--no-continuous-batching", dest="continuous", action="store_false",
+                        help="waiting requests start only when the running batch has ended (default: they join it "
+                             "between two tokens)")
     parser.add_argument("--max-tokens-cap", type=int, default=512, help="the largest max_tokens a request may ask (512)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -78,4 +81,4 @@ def run(args) -> int:
 
     return serve(served, host=args.host, port=args.port, log_level=args.log_level, on_ready=ready,
                  max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000,
-                 max_tokens_cap=args.max_tokens_cap)
+                 max_tokens_cap=args.max_tokens_cap, continuous=args.continuous)

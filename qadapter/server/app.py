@@ -25,7 +25,8 @@ def _sse(obj) -> str:
 
 
 def create_app(served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.01,
-               max_tokens_cap: int = 512, max_body_bytes: int = 2 * 1024 * 1024, scheduler: Scheduler | None = None):
+               max_tokens_cap: int = 512, max_body_bytes: int = 2 * 1024 * 1024, scheduler: Scheduler | None = None,
+               continuous: bool = True):
     """The app for ``served`` (:class:`~qadapter.server.models.ServedModels`); its decoder thread starts
     with the app (lifespan) and stops with it."""
     from fastapi import FastAPI, Request
@@ -35,7 +36,8 @@ def create_app(served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     limits = Limits(max_tokens_cap=max_tokens_cap, max_prompts=max_batch)
-    sched = scheduler or Scheduler(served, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait)
+    sched = scheduler or Scheduler(served, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait,
+                                   continuous=continuous)
     created = int(time.time())
 
     @asynccontextmanager

@@ -19,6 +19,22 @@ over more rows may round differently in the last bit, which could only matter at
 
 A row whose client went away is marked cancelled: the decoder stops it at the next step (it is fed
 padding like a finished row) and the batch ends as soon as every row is finished or cancelled.
+
+Continuous batching (``Scheduler(continuous=True)``, the default): between two tokens of a running
+batch the decoder takes in waiting rows that its engine can serve (the same adapter, or base rows
+where the batch runs both branches; only one-branch rows into a one-branch batch), oldest first,
+up to ``max_batch`` live rows. The newcomers are prefilled by themselves; then the live rows and
+the newcomers continue as ONE batch: a fresh fast engine adopts both KV caches, each left-padded
+under a 0 mask to the longer one (:meth:`qadapter.generation._FastEngine.adopt`), and finished
+rows leave. Left padding under a 0 mask changes no row's attention or positions, so the exactness
+above holds for rows that join (tests/test_server_batching.py checks tokens against decoding
+alone). A request therefore waits at most one token of the running batch plus its own prefill,
+not the whole batch. Stacks and the reference engine (layers the fast engine cannot split) keep
+dynamic batching.
+
+Why one module of ~500 lines: the decoder's loop, the row state it keeps and the scheduler that
+feeds it rows between two tokens are one protocol (who may join, when, and who is told of an
+error); split, the admission rules would live apart from the loop that relies on them.
 """
 
 from __future__ import annotations
@@ -136,6 +152,7 @@ class BatchDecoder:
         self.pad_id = pad_token_id(self.tokenizer, self.model, self.eos)
         self.device = next(self.model.parameters()).device
         self.stats = stats if stats is not None else collections.Counter()
+        self.max_rows = 16  # rows that joining requests may fill a running batch up to (the scheduler's max_batch)
 
     def _engine(self, adapter_name: str | None, batch: int, adapter_only: bool = False):
         """A fast (or, where the adapter cannot share a batch, reference) engine that returns the raw
@@ -169,56 +186,71 @@ class BatchDecoder:
         engine._compose = lambda levels: levels
         return engine
 
-    def decode(self, rows: list[Row]) -> None:
+    def decode(self, rows: list[Row], admit: Callable[[Callable[[Row], bool], int], list[Row]] | None = None) -> None:
+        """Decode ``rows`` in one batch until every row is finished; ``admit(fits, n)`` (continuous
+        batching) is asked between two tokens for up to ``n`` more rows that ``fits`` accepts: they
+        are prefilled by themselves and join the running batch (:meth:`_FastEngine.adopt`), and
+        finished rows leave it then."""
         adapters = {r.adapter for r in rows if r.adapter is not None}
         if len(adapters) > 1:
             raise ValueError(f"one batch decodes one adapter, got {sorted(adapters)}")
         adapter = next(iter(adapters), None)
         settings = self.served.adapters[adapter].settings if adapter else None
         stack = self.served.adapters[adapter].stack if adapter else None
-        B = len(rows)
-        input_ids, attention_mask = G.left_pad([r.prompt_ids for r in rows], self.pad_id, self.device)
-        P = input_ids.shape[1]
-        T = max(r.max_new_tokens for r in rows)
-        texts = [_Text(self.tokenizer, self.served.tokenizer_lock, r.stop) for r in rows]
-        # rows grouped by policy: None = base, else (α0, α̃) (a stack: its strengths); one call per group
-        groups: dict = collections.defaultdict(list)
-        for i, r in enumerate(rows):
-            groups[r.strengths if stack is not None and r.adapter is not None else r.alphas].append(i)
-        groups = {k: torch.tensor(v, device=self.device) for k, v in groups.items()}
-        processors, generators = [], []
-        for r in rows:
-            sampled = r.temperature > 0
-            processors.append(G._logits_processors(P, 0, self.eos, self.device, True, r.temperature, r.top_k, r.top_p)
-                              if sampled else None)
-            gen = None
-            if sampled and r.seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(int(r.seed))
-            generators.append(gen)
-        greedy = torch.tensor([i for i, r in enumerate(rows) if r.temperature <= 0], dtype=torch.long,
-                              device=self.device)
-        sampled_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
-        eos_t = torch.tensor(self.eos, dtype=torch.long, device=self.device) if self.eos else None
-        pad_t = torch.tensor(self.pad_id, dtype=torch.long, device=self.device)
-        active = [True] * B
+
+        def key_of(r):  # rows grouped by policy: None = base, else (α0, α̃) (a stack: its strengths)
+            return r.strengths if stack is not None and r.adapter is not None else r.alphas
 
         # every row customized at α0 = q_scale (the tied default at strength 1, or a full Q̂ at α0 = 0):
         # the base branch changes nothing the loop sees, so the batch runs the adapter branch alone
         # (a stack: every row at all strengths 1 runs z_k, the network with every adapter, alone)
+        keys = {key_of(r) for r in rows}
         if stack is not None:
-            adapter_only = None not in groups and all(all(x == 1.0 for x in key) for key in groups)
+            adapter_only = None not in keys and all(all(x == 1.0 for x in key) for key in keys)
         else:
-            adapter_only = settings is not None and None not in groups and all(
-                G._one_branch("customized", alphas[0], settings.parameterization, settings.q_scale) for alphas in groups)
+            adapter_only = settings is not None and None not in keys and all(
+                G._one_branch("customized", k[0], settings.parameterization, settings.q_scale) for k in keys)
+
+        def fits(r: Row) -> bool:
+            """Whether a waiting row can join this batch: the same engine serves it."""
+            if r.cancelled.is_set() or stack is not None:
+                return False
+            if adapter is None or r.adapter is None:
+                return r.adapter is None and (adapter is None or not adapter_only)
+            return r.adapter == adapter and (not adapter_only or G._one_branch(
+                "customized", r.alphas[0], settings.parameterization, settings.q_scale))
+
+        state = {}  # the batch's rows and their per-row decoding state, rebuilt when rows join
+
+        def setup(batch_rows):
+            B = len(batch_rows)
+            groups = collections.defaultdict(list)
+            for i, r in enumerate(batch_rows):
+                groups[key_of(r)].append(i)
+            state.update(rows=batch_rows, B=B, groups={k: torch.tensor(v, device=self.device) for k, v in groups.items()},
+                         greedy=torch.tensor([i for i, r in enumerate(batch_rows) if r.temperature <= 0],
+                                             dtype=torch.long, device=self.device),
+                         sampled=[i for i, r in enumerate(batch_rows) if r.temperature > 0])
+
+        def prepare(r: Row):
+            """A row's own decoding state: its text, and its sampler (seeded per request)."""
+            r._text = _Text(self.tokenizer, self.served.tokenizer_lock, r.stop)
+            r._processors = None
+            r._generator = None
+            if r.temperature > 0:
+                r._processors = G._logits_processors(len(r.prompt_ids), 0, self.eos, self.device, True,
+                                                     r.temperature, r.top_k, r.top_p)
+                if r.seed is not None:
+                    r._generator = torch.Generator(device=self.device)
+                    r._generator.manual_seed(int(r.seed))
 
         def compose_stack(levels):
             """Per row group, the stacked policy's logits from the branches z_0..z_k (or z_k alone)."""
             if adapter_only:
                 return levels[0]
             out = torch.empty_like(levels[0])
-            for key, idx in groups.items():
-                whole = len(idx) == B
+            for key, idx in state["groups"].items():
+                whole = len(idx) == state["B"]
                 parts = levels if whole else [z[idx] for z in levels]
                 logits = parts[0] if key is None else stack_logits(parts, key)
                 if whole:
@@ -227,6 +259,7 @@ class BatchDecoder:
             return out
 
         def compose(q, base):
+            groups, B = state["groups"], state["B"]
             if len(groups) == 1 and None in groups:
                 return base
             out = torch.empty_like(q if base is None else base)
@@ -245,62 +278,113 @@ class BatchDecoder:
                 out[idx] = logits
             return out
 
+        combine = compose_stack if stack is not None else (lambda branches: compose(*branches))
+
+        def new_engine(B):
+            return self._stack_engine(stack, B, adapter_only) if stack is not None else self._engine(adapter, B, adapter_only)
+
+        def prefill(batch_rows):
+            """A new engine with ``batch_rows`` prefilled, and the raw branches for their first token."""
+            input_ids, attention_mask = G.left_pad([r.prompt_ids for r in batch_rows], self.pad_id, self.device)
+            budget = max(r.max_new_tokens for r in batch_rows)
+            engine = new_engine(len(batch_rows))
+            try:
+                return engine, engine.prefill(input_ids, attention_mask, input_ids.shape[1] + budget)
+            except BaseException:
+                engine.close()
+                raise
+
         was_training = self.model.training
         self.model.eval()
-        engine = self._stack_engine(stack, B, adapter_only) if stack is not None else self._engine(adapter, B, adapter_only)
+        for r in rows:
+            prepare(r)
+        setup(rows)
         self.stats["adapter_only_batches"] += int(adapter_only)
         self.stats["batches"] += 1
-        self.stats["rows"] += B
-        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], B)
+        self.stats["rows"] += len(rows)
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
+        engine = None
+        everyone = list(rows)  # every row this call decodes, newcomers included: all are told of an error
+        eos_t = torch.tensor(self.eos, dtype=torch.long, device=self.device) if self.eos else None
+        pad_t = torch.tensor(self.pad_id, dtype=torch.long, device=self.device)
         try:
             with torch.inference_mode():
-                seqs = torch.empty((B, P + T), dtype=torch.long, device=self.device)
-                seqs[:, :P] = input_ids
-                combine = compose_stack if stack is not None else (lambda branches: compose(*branches))
-                logits = combine(engine.prefill(input_ids, attention_mask, P + T))
-                for step in range(T):
-                    cur = P + step
+                engine, raw = prefill(rows)
+                logits = combine(raw)
+                while True:
+                    batch_rows, B = state["rows"], state["B"]
                     tokens = torch.empty(B, dtype=torch.long, device=self.device)
+                    greedy = state["greedy"]
                     if len(greedy):
                         tokens[greedy] = logits[greedy].argmax(dim=-1)
-                    for i in sampled_rows:
-                        scores = processors[i](seqs[i:i + 1, :cur], logits[i:i + 1])
+                    for i in state["sampled"]:
+                        r = batch_rows[i]
+                        ids = torch.tensor([r.prompt_ids + r.new_ids], dtype=torch.long, device=self.device)
+                        scores = r._processors(ids, logits[i:i + 1])
                         probs = torch.softmax(scores, dim=-1)
-                        tokens[i] = torch.multinomial(probs, num_samples=1, generator=generators[i])[0, 0]
-                    for i, r in enumerate(rows):  # cancelled rows stop here, before their token counts
-                        if active[i] and r.cancelled.is_set():
-                            active[i] = False
+                        tokens[i] = torch.multinomial(probs, num_samples=1, generator=r._generator)[0, 0]
+                    for r in batch_rows:  # cancelled rows stop here, before their token counts
+                        if r.finish_reason is None and r.cancelled.is_set():
                             r.finish_reason = FINISH_CANCELLED
                             self.stats["rows_cancelled"] += 1
-                    act = torch.tensor(active, device=self.device)
-                    tokens = torch.where(act, tokens, pad_t)
-                    seqs[:, cur] = tokens
+                    active = [r.finish_reason is None for r in batch_rows]
+                    tokens = torch.where(torch.tensor(active, device=self.device), tokens, pad_t)
                     is_eos = torch.isin(tokens, eos_t).tolist() if eos_t is not None else [False] * B
                     token_list = tokens.tolist()
-                    for i, r in enumerate(rows):
+                    for i, r in enumerate(batch_rows):
                         if not active[i]:
                             continue
                         r.new_ids.append(token_list[i])
                         self.stats["tokens"] += 1
                         out_of_budget = len(r.new_ids) >= r.max_new_tokens
-                        delta, hit = texts[i].update(r, final=is_eos[i] or out_of_budget)
+                        delta, hit = r._text.update(r, final=is_eos[i] or out_of_budget)
                         if delta:
                             r.emit(("delta", delta))
                         if is_eos[i] or hit or out_of_budget:
-                            active[i] = False
                             r.finish_reason = FINISH_STOP if (is_eos[i] or hit) else FINISH_LENGTH
                             r.emit(("done", r.finish_reason, len(r.new_ids)))
-                    if not any(active):
+                    live = [i for i, r in enumerate(batch_rows) if r.finish_reason is None]
+                    joining = []
+                    if admit is not None and hasattr(engine, "adopt") and engine.can_adopt():
+                        joining = admit(fits, self.max_rows - len(live)) if self.max_rows > len(live) else []
+                        everyone.extend(joining)
+                    if not live and not joining:
                         break
-                    logits = combine(engine.step(tokens))
+                    raw = engine.step(tokens) if live else None
+                    if joining:  # continuous batching: the live rows and the newcomers continue as one batch
+                        for r in joining:
+                            prepare(r)
+                        fresh, fresh_raw = prefill(joining)
+                        # closed before the merged engine is built: an engine's contexts (the base
+                        # engine's disable_adapter) do not nest; adopt() reads only their tensors
+                        fresh.close()
+                        engine.close()
+                        kept = [batch_rows[i] for i in live]
+                        budget = max(r.max_new_tokens - len(r.new_ids) for r in kept + joining)
+                        merged = new_engine(len(kept) + len(joining))
+                        merged.adopt(([(engine, live)] if live else []) + [(fresh, list(range(len(joining))))],
+                                     max(engine.length, fresh.length) + budget + 1)
+                        def join(old, new):  # one branch's logits: the live rows' next, then the newcomers' first
+                            if old is None:
+                                return new
+                            return torch.cat([old.index_select(0, torch.tensor(live, device=old.device)), new])
+
+                        raw = [join(x, y) for x, y in zip(raw if raw is not None else [None] * len(fresh_raw), fresh_raw)]
+                        engine = merged
+                        setup(kept + joining)
+                        self.stats["rows"] += len(joining)
+                        self.stats["rows_joined_running_batch"] += len(joining)
+                        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], state["B"])
+                    logits = combine(raw)
         except BaseException as exc:
-            for i, r in enumerate(rows):
+            for r in everyone:
                 if r.finish_reason is None:
                     r.finish_reason = FINISH_ERROR
                     r.emit(("error", f"decoding failed: {type(exc).__name__}: {exc}"))
             raise
         finally:
-            engine.close()
+            if engine is not None:
+                engine.close()
             if was_training:
                 self.model.train()
 
@@ -308,12 +392,15 @@ class BatchDecoder:
 class Scheduler:
     """A bounded queue of rows and the decoder thread that batches them."""
 
-    def __init__(self, served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.01):
+    def __init__(self, served, *, max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.01,
+                 continuous: bool = True):
         if max_batch < 1 or max_queue < 1 or not batch_wait >= 0:
             raise ValueError("max_batch and max_queue must be >= 1 and batch_wait >= 0")
         self.served, self.max_batch, self.max_queue, self.batch_wait = served, max_batch, max_queue, batch_wait
+        self.continuous = continuous
         self.stats = collections.Counter()
         self.decoder = BatchDecoder(served, self.stats)
+        self.decoder.max_rows = max_batch
         self.pending: collections.deque[Row] = collections.deque()
         self.running = 0
         self.cv = threading.Condition()
@@ -389,6 +476,25 @@ class Scheduler:
             self.current = batch
             return batch
 
+    def _admit(self, fits: Callable[[Row], bool], n: int) -> list[Row]:
+        """Up to ``n`` waiting rows for the running batch (continuous batching), oldest first; it
+        stops at the first live row that does not fit, so a row of another adapter is not passed
+        over forever: the batch then drains and that row's batch comes next."""
+        with self.cv:
+            taken = []
+            while self.pending and len(taken) < n:
+                r = self.pending[0]
+                if r.cancelled.is_set():
+                    self.pending.popleft()
+                    continue
+                if not fits(r):
+                    break
+                taken.append(self.pending.popleft())
+            if taken:
+                self.current = [r for r in self.current if r.finish_reason is None] + taken
+                self.running = len(self.current)
+            return taken
+
     def _loop(self) -> None:
         while True:
             batch = self._take()
@@ -398,7 +504,7 @@ class Scheduler:
                 continue
             start = time.monotonic()
             try:
-                self.decoder.decode(batch)
+                self.decoder.decode(batch, admit=self._admit if self.continuous else None)
             except Exception as exc:  # the rows were told; the server keeps serving
                 self.stats["batch_errors"] += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
