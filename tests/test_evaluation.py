@@ -403,6 +403,26 @@ def test_preference_margin_definition(policy, other_policy, tokenizer):
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
 
 
+def test_preferences_reuse_the_base_log_likelihoods_they_are_given(policy, other_policy, monkeypatch):
+    """base_logprobs (the base's own samples): the same margins, and only the policy is scored."""
+    import qadapter.evaluation.preference as preference
+
+    both = evaluate_preferences(other_policy, policy, PAIRS, progress=False)
+    own = evaluate_preferences(policy, policy, PAIRS, progress=False)
+    known = {x["index"]: (x["logp_chosen"], x["logp_rejected"]) for x in own.samples}
+    scored = []
+    real = preference.policies_logprobs
+    monkeypatch.setattr(preference, "policies_logprobs", lambda policies, *a, **k: scored.append(len(policies)) or
+                        real(policies, *a, **k))
+    reused = evaluate_preferences(other_policy, policy, PAIRS, progress=False, base_logprobs=known)
+    assert scored == [1]
+    assert [x["margin"] for x in reused.samples] == pytest.approx([x["margin"] for x in both.samples], abs=1e-5)
+    assert reused["margin_accuracy"] == both["margin_accuracy"]
+    # a pair missing from base_logprobs: the base is scored again, for all of them
+    evaluate_preferences(other_policy, policy, PAIRS, progress=False, base_logprobs=dict(list(known.items())[1:]))
+    assert scored == [1, 2]
+
+
 # --------------------------------------------------------------------------- win rate
 def test_win_rate_with_constant_judges(policy):
     prompts = ["a", "b", "c", "d"]

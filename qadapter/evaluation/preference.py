@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -50,7 +50,8 @@ def encode_prompt_response(tokenizer, prompt: Sequence[dict[str, str]], response
 
 def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit: int | None = None, seed: int = 0,
                          batch_size: int = 8, max_length: int | None = None, progress: bool = True,
-                         n_boot: int = 1000, task: str = "preferences") -> EvalResult:
+                         n_boot: int = 1000, task: str = "preferences",
+                         base_logprobs: Mapping[int, tuple[float, float]] | None = None) -> EvalResult:
     """Held-out preference accuracy of ``policy``, computed identically for every policy.
 
     For each pair (x, y_w, y_l), with π the policy and π1 the base model:
@@ -59,6 +60,11 @@ def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit
     * ``margin`` = [log π(y_w|x) − log π1(y_w|x)] − [log π(y_l|x) − log π1(y_l|x)] (the implicit-reward
       margin of DPO with β = 1), ``margin_accuracy``: margin > 0, ``mean_margin``;
     * ``base_likelihood_accuracy``: log π1(y_w|x) > log π1(y_l|x) (the same for every policy).
+
+    ``base_logprobs``: π1's (log π1(y_w|x), log π1(y_l|x)) by pair index (the index into ``pairs``),
+    from an earlier call on the same pairs, e.g. the ``samples`` of the base model's own result:
+    then only ``policy`` is scored (one branch instead of two for a policy that needs one; every
+    policy of a comparison shares the base's numbers). Pairs it lacks are scored under ``base``.
 
     Ties count half (so the base model itself gets margin_accuracy 0.5 and mean_margin 0). Responses
     are scored as the assistant turn of the chat template (end-of-turn tokens included), by
@@ -72,11 +78,15 @@ def evaluate_preferences(policy, base, pairs: Sequence[dict[str, Any]], *, limit
         prompt, chosen, rejected = split_pair(row)
         requests.append(encode_prompt_response(tok, prompt, chosen))
         requests.append(encode_prompt_response(tok, prompt, rejected))
+    known = base_logprobs is not None and all(i in base_logprobs for i, _ in rows)
     # one scorer for both; a policy and its own base (a Q-Adapter and π1) share every forward
-    scored = policies_logprobs([policy] if base is policy else [policy, base], requests, batch_size=batch_size,
-                               max_length=max_length, progress=progress, desc=task)
+    scored = policies_logprobs([policy] if base is policy or known else [policy, base], requests,
+                               batch_size=batch_size, max_length=max_length, progress=progress, desc=task)
     lp = np.asarray([s for s, _ in scored[0]]).reshape(-1, 2)
-    lb = lp if base is policy else np.asarray([s for s, _ in scored[1]]).reshape(-1, 2)
+    if known:
+        lb = np.asarray([base_logprobs[i] for i, _ in rows], dtype=float).reshape(-1, 2)
+    else:
+        lb = lp if base is policy else np.asarray([s for s, _ in scored[1]]).reshape(-1, 2)
     margin = (lp[:, 0] - lb[:, 0]) - (lp[:, 1] - lb[:, 1])
     likelihood = ties_half(lp[:, 0] - lp[:, 1])
     margin_acc = ties_half(margin)

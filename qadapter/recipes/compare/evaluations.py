@@ -50,6 +50,10 @@ class Context:
     def common(self, name: str) -> dict[str, Any]:
         return dict(limit=self.limits.get(name), seed=self.seed, progress=self.progress)
 
+    def base_samples(self, name: str) -> list[dict[str, Any]]:
+        """The base model's stored per-item samples for evaluation ``name``."""
+        return self.results["base"][name]["samples"]
+
     def base_extra(self, name: str) -> dict[str, Any]:
         """The base model's stored result's ``extra`` for evaluation ``name`` (its reference answers)."""
         return self.results["base"][name]["extra"]
@@ -151,9 +155,14 @@ def _kl_at_strengths(ctx, qa, strengths):
 
 
 def _preferences(ctx, policy, base, name, reuse=None):
+    """Every point's margins against the base's own log-likelihoods (scored once, by the base's entry)."""
     from ...evaluation import evaluate_preferences
 
-    return evaluate_preferences(policy, base, ctx.held_out, batch_size=ctx.batch_size, **ctx.common("preferences"))
+    known = None
+    if name != "base" and "preferences" in ctx.results.get("base", {}):
+        known = {x["index"]: (x["logp_chosen"], x["logp_rejected"]) for x in ctx.base_samples("preferences")}
+    return evaluate_preferences(policy, base, ctx.held_out, batch_size=ctx.batch_size, base_logprobs=known,
+                                **ctx.common("preferences"))
 
 
 def _preferences_at(ctx, qa, strengths):
