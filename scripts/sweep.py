@@ -61,41 +61,19 @@ def load_split(data: str, tokenizer, max_length: int, eval_pairs: int, seed: int
 
 
 def measure(peft_model, tokenizer, settings, tokenized, batch_size: int = 4) -> dict:
-    """Margin, preference accuracy and per-token KL(π‖π1) on tokenized held-out pairs, from one
-    adapter pass and one base pass per batch."""
-    import torch
-    import torch.nn.functional as F
-
-    from qadapter.modeling import QAdapter
-    from qadapter.objective import taken
+    """Margin, preference accuracy and per-token KL(π‖π1) on tokenized held-out pairs, by the main
+    job's measurement (``qadapter.recipes.train.pair_log_likelihoods``: the one scorer, both
+    branches in one forward, each prompt once for its two responses)."""
     from qadapter.evaluation.stats import preference_accuracy
-    from qadapter.recipes.train import implicit_reward_margins
-    from qadapter.trainer import PreferencePairCollator
+    from qadapter.modeling import QAdapter
+    from qadapter.recipes.train import implicit_reward_margins, kl_per_token, pair_log_likelihoods
 
-    qa = QAdapter(peft_model, tokenizer, settings)
-    collate = PreferencePairCollator(tokenizer.pad_token_id)
-    ll = {k: [] for k in ("base_chosen", "base_rejected", "custom_chosen", "custom_rejected")}
-    kl_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(tokenized), batch_size):
-            batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
-            width_p, width = int(batch["prompt_width"]), batch["input_ids"].shape[1]
-            adapter, base = qa.branch_logits(batch["input_ids"], batch["attention_mask"],
-                                             torch.arange(width_p - 1, width - 1))
-            log_p, log_b = F.log_softmax(settings.logits(adapter, base), -1), F.log_softmax(base, -1)
-            mask = batch["response_mask"][:, width_p:]
-            actions = batch["input_ids"][:, width_p:]
-            kl_sum += float(((log_p.exp() * (log_p - log_b)).sum(-1) * mask).sum())
-            tokens += int(mask.sum())
-            half = mask.shape[0] // 2
-            for key, logp in (("custom", log_p), ("base", log_b)):
-                sums = (taken(logp, actions) * mask).sum(-1).tolist()
-                ll[f"{key}_chosen"] += sums[:half]
-                ll[f"{key}_rejected"] += sums[half:]
+    ll = pair_log_likelihoods(QAdapter(peft_model, tokenizer, settings), tokenized, batch_size=batch_size,
+                              desc="held-out pairs")
     return {"margin": implicit_reward_margins(ll),
             "preference": preference_accuracy(ll["custom_chosen"], ll["custom_rejected"]),
             "base_preference": preference_accuracy(ll["base_chosen"], ll["base_rejected"]),
-            "kl_per_token": kl_sum / max(tokens, 1), "n_tokens": tokens}
+            "kl_per_token": kl_per_token(ll), "n_tokens": int(sum(ll["n_tokens"]))}
 
 
 def run_variant(name: str, args) -> dict:
@@ -108,7 +86,7 @@ def run_variant(name: str, args) -> dict:
     from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 
     method, overrides = VARIANTS[name]
-    path = resolve_model_path("embedded")
+    path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -166,6 +144,7 @@ def table(paths: list[str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded", help="base model folder (default: the embedded default)")
     parser.add_argument("--data", default="hh", help="'hh' (the embedded HH-RLHF harmless pairs) or a pairs file")
     parser.add_argument("--out", help="JSONL file the results are appended to")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
