@@ -303,6 +303,26 @@ def test_method_specs_parse_apply_and_name_their_errors():
         "qadapter", "sft", "dpo:beta=0.1,max_steps=20", "dpo:beta=1"]
 
 
+def test_strengths_apply_to_the_named_qadapter_specs_only(setup):
+    """--strengths-for: the named Q-Adapter specs get one point per strength, the other qadapter
+    specs (e.g. DPO through the residual objective) one point at their trained setting; a name that
+    is not a qadapter spec of the methods is an error, before anything is trained."""
+    from qadapter.recipes.compare import parse_method_spec
+    from qadapter.recipes.compare.methods import policy_points
+
+    specs = [parse_method_spec(m) for m in ("qadapter", "qadapter:beta=0,alpha_tilde=0.3", "sft")]
+    names = [p.name for p in policy_points(specs, [0.5, 1], strength_specs={"qadapter"})]
+    assert names == ["base", "qadapter@0.5", "qadapter@1", "qadapter:alpha_tilde=0.3,beta=0", "sft"]
+    assert [p.name for p in policy_points(specs, [0.5, 1])][3:5] == ["qadapter:alpha_tilde=0.3,beta=0@0.5",
+                                                                      "qadapter:alpha_tilde=0.3,beta=0@1"]
+    job, config = job_and_config(setup)
+    for bad, words in ((["sft"], "not a qadapter spec"), (["qadapter:beta=0.5"], "not a qadapter spec")):
+        with pytest.raises(ValueError, match=words):
+            run_comparison(setup / "never", job, config, **comparison_kwargs(
+                setup, methods=["qadapter", "sft"], strengths=[1, 2], strengths_for=bad))
+    assert not (setup / "never" / "qadapter").exists()
+
+
 def test_cli_frontier_flags_and_bad_spec(tmp_path, monkeypatch, capsys):
     from qadapter import cli
 

@@ -66,6 +66,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="decode-time strengths of the (residual) Q-Adapter, e.g. 0.25,0.5,1,2,4: one trained "
                              "adapter, one evaluated policy qadapter@S per strength (the frontier's Q-Adapter curve); "
                              "default: the trained policy only")
+    parser.add_argument("--strengths-for", nargs="+", default=None, metavar="SPEC",
+                        help="the Q-Adapter specs --strengths applies to (default: every qadapter spec); the others "
+                             "are evaluated at their trained setting only, e.g. DPO through the residual objective, "
+                             "qadapter:beta=0,alpha_tilde=0.3, as one point per β")
     parser.add_argument("--benchmarks", type=_csv_list, default=list(BENCHMARKS), metavar="LIST",
                         help=f"retention evaluations among {','.join(BENCHMARKS)} (default: all; kl = KL from the base "
                              "model on general prompts). Held-out preference accuracy is always measured.")
@@ -110,6 +114,8 @@ def _canonical_command(args, train_argv: list[str]) -> str:
     words = ["qadapter", "compare", "--output-dir", str(args.output_dir), "--methods", *method_specs(args.methods)]
     if args.strengths:
         words += ["--strengths", ",".join(f"{x:g}" for x in args.strengths)]
+    if args.strengths_for:
+        words += ["--strengths-for", *method_specs(args.strengths_for)]
     words += ["--benchmarks", ",".join(args.benchmarks)]
     if args.eval_limit:
         words += ["--eval-limit", args.eval_limit]
@@ -150,6 +156,7 @@ def run(args) -> int:
         return 2
     job, config = parse(train_argv)
     comparison = run_comparison(args.output_dir, job, config, methods=methods, strengths=args.strengths,
+                                strengths_for=method_specs(args.strengths_for) if args.strengths_for else None,
                                 benchmarks=args.benchmarks,
                                 limits=args.eval_limit, judge=args.judge, train_judge=args.train_judge,
                                 judge_steps=args.judge_steps, judge_learning_rate=args.judge_learning_rate,

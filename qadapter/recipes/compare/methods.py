@@ -163,13 +163,14 @@ class PolicyPoint:
 
 
 def policy_points(specs: Sequence[MethodSpec], strengths: Sequence[float] | None = None,
-                  start: bool = False) -> list[PolicyPoint]:
+                  start: bool = False, strength_specs: set[str] | None = None) -> list[PolicyPoint]:
     """The evaluated points (base first, then the ``start`` policy where the specs were trained on
     an earlier customization): every Q-Adapter spec at every decode-time strength (at its trained
-    setting when ``strengths`` is None), every other spec once."""
+    setting when ``strengths`` is None, or when ``strength_specs`` does not name it), every other
+    spec once."""
     points = [PolicyPoint(None)] + ([PolicyPoint(None, start=True)] if start else [])
     for spec in specs:
-        if spec.method == "qadapter" and strengths:
+        if spec.method == "qadapter" and strengths and (strength_specs is None or spec.name in strength_specs):
             points += [PolicyPoint(spec, float(s)) for s in strengths]
         else:
             points.append(PolicyPoint(spec))

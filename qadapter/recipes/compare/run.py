@@ -34,6 +34,7 @@ def free_memory():
 
 def run_comparison(output_dir: str | Path, job=None, config=None, *,
                    methods: Sequence["str | MethodSpec"] = METHODS, strengths: Sequence[float] | None = None,
+                   strengths_for: Sequence[str] | None = None,
                    benchmarks: Sequence[str] = tuple(BENCHMARKS), limits: str | int | dict | None = None,
                    judge=None, train_judge: bool = False, judge_steps: int = 100, judge_learning_rate: float = 5e-5,
                    judge_batch_size: int = 8, bbh_tasks: Sequence[str] | None = None, max_new_tokens: int = 128,
@@ -58,6 +59,8 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
             ``qadapter@s`` of the ONE trained adapter (no retraining); preferences, KL and ARC
             score all strengths from the same forwards, the generated ones decode at each. None: the
             Q-Adapter at its trained setting only (policy ``qadapter``).
+        strengths_for: the qadapter specs (by name or spec text) ``strengths`` applies to; the other
+            qadapter specs are evaluated at their trained setting only. None: every qadapter spec.
         benchmarks: retention evaluations among :data:`BENCHMARKS` (``kl``: KL from the base model).
             Held-out preference accuracy and margins are always measured.
         limits: subsample sizes (see :func:`parse_limits`; default :data:`DEFAULT_LIMITS`).
@@ -99,7 +102,15 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
             raise ValueError(f"strengths must be distinct finite numbers > 0; got {strengths}")
         if not any(sp.method == "qadapter" for sp in specs):
             raise ValueError("strengths apply to a Q-Adapter: add a qadapter spec to the methods")
-    points = policy_points(specs, strengths, start=bool(getattr(job, "on", None)))
+    strength_specs = None
+    if strengths_for is not None:
+        if strengths is None:
+            raise ValueError("strengths_for needs strengths")
+        strength_specs = {parse_method_spec(m).name for m in strengths_for}
+        not_qadapter = sorted(strength_specs - {sp.name for sp in specs if sp.method == "qadapter"})
+        if not_qadapter:
+            raise ValueError(f"strengths_for names {', '.join(not_qadapter)}, which is not a qadapter spec of the methods")
+    points = policy_points(specs, strengths, start=bool(getattr(job, "on", None)), strength_specs=strength_specs)
     unknown = sorted(set(benchmarks) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose among {', '.join(BENCHMARKS)}")
