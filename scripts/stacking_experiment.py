@@ -283,16 +283,18 @@ def report(args):
             arc_cell = f"{arc['value']:.3f} [{arc['ci'][0]:.3f}, {arc['ci'][1]:.3f}] (n={arc['n']})" if arc else "—"
             lines.append(f"| {m} | {row['step']} {row['domain']} | " + " | ".join(cells) +
                          f" | {row['kl']['value']:.4f} | {arc_cell} |")
-            own[row["domain"]] = row["margins"][row["domain"]]["margin_accuracy"]
+            own[row["domain"]] = row["margins"][row["domain"]]
         last = res["steps"][-1] if res["steps"] else None
-        if last:
-            retention[m] = {d: ((last["margins"][d]["margin_accuracy"] - 0.5) / (own[d] - 0.5) if own[d] != 0.5 else float("nan"))
+        if last:  # a fraction of the own gain only where that gain was resolved (its interval above 0.5)
+            retention[m] = {d: ((last["margins"][d]["margin_accuracy"] - 0.5) / (own[d]["margin_accuracy"] - 0.5)
+                                if own[d]["ci"][0] > 0.5 else None)
                             for d in own if d in last["margins"]}
     lines.append("")
     lines.append("| method | " + " | ".join(f"{d}: kept of own gain" for d in DOMAINS[:-1]) + " |")
     lines.append("|---|" + "---|" * (len(DOMAINS) - 1))
     for m, r in retention.items():
-        lines.append(f"| {m} | " + " | ".join(f"{r[d]:.0%}" if d in r else "" for d in DOMAINS[:-1]) + " |")
+        lines.append(f"| {m} | " + " | ".join("" if d not in r else "own gain not resolved" if r[d] is None
+                                              else f"{r[d]:.0%}" for d in DOMAINS[:-1]) + " |")
     print("\n".join(lines))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
