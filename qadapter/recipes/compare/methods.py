@@ -151,7 +151,12 @@ class PolicyPoint:
         baseline's settings join per method."""
         if self.spec is None:
             return self.name
-        return self.spec.name if self.strength is not None else self.spec.method
+        if self.strength is not None:
+            return self.spec.name
+        if self.spec.method == "qadapter" and self.spec.params:  # not on the strengths curve of "qadapter"
+            return ("qadapter, β (χ²)=0: DPO at β=α̃" if dict(self.spec.params).get("beta") == 0
+                    else "qadapter, other settings")
+        return self.spec.method
 
     def setting_label(self) -> str:
         if self.spec is None:
