@@ -144,7 +144,7 @@ class _Text:
 class BatchDecoder:
     """Decodes a list of rows of (at most) one adapter in one batch, each with its own settings."""
 
-    def __init__(self, served, stats: dict | None = None):
+    def __init__(self, served, stats: dict | None = None, max_rows: int = 16):
         self.served = served
         self.model = served.model
         self.tokenizer = served.tokenizer
@@ -152,7 +152,7 @@ class BatchDecoder:
         self.pad_id = pad_token_id(self.tokenizer, self.model, self.eos)
         self.device = next(self.model.parameters()).device
         self.stats = stats if stats is not None else collections.Counter()
-        self.max_rows = 16  # rows that joining requests may fill a running batch up to (the scheduler's max_batch)
+        self.max_rows = max_rows  # rows that joining requests may fill a running batch up to
 
     def _engine(self, adapter_name: str | None, batch: int, adapter_only: bool = False):
         """A fast (or, where the adapter cannot share a batch, reference) engine that returns the raw
@@ -204,12 +204,14 @@ class BatchDecoder:
         # every row customized at α0 = q_scale (the tied default at strength 1, or a full Q̂ at α0 = 0):
         # the base branch changes nothing the loop sees, so the batch runs the adapter branch alone
         # (a stack: every row at all strengths 1 runs z_k, the network with every adapter, alone)
+        def one_branch(alphas) -> bool:  # a customized row the adapter branch alone decodes
+            return G._one_branch("customized", alphas[0], settings.parameterization, settings.q_scale)
+
         keys = {key_of(r) for r in rows}
         if stack is not None:
             adapter_only = None not in keys and all(all(x == 1.0 for x in key) for key in keys)
         else:
-            adapter_only = settings is not None and None not in keys and all(
-                G._one_branch("customized", k[0], settings.parameterization, settings.q_scale) for k in keys)
+            adapter_only = settings is not None and None not in keys and all(one_branch(k) for k in keys)
 
         def fits(r: Row) -> bool:
             """Whether a waiting row can join this batch: the same engine serves it."""
@@ -217,8 +219,7 @@ class BatchDecoder:
                 return False
             if adapter is None or r.adapter is None:
                 return r.adapter is None and (adapter is None or not adapter_only)
-            return r.adapter == adapter and (not adapter_only or G._one_branch(
-                "customized", r.alphas[0], settings.parameterization, settings.q_scale))
+            return r.adapter == adapter and (not adapter_only or one_branch(r.alphas))
 
         state = {}  # the batch's rows and their per-row decoding state, rebuilt when rows join
 
@@ -399,8 +400,7 @@ class Scheduler:
         self.served, self.max_batch, self.max_queue, self.batch_wait = served, max_batch, max_queue, batch_wait
         self.continuous = continuous
         self.stats = collections.Counter()
-        self.decoder = BatchDecoder(served, self.stats)
-        self.decoder.max_rows = max_batch
+        self.decoder = BatchDecoder(served, self.stats, max_rows=max_batch)
         self.pending: collections.deque[Row] = collections.deque()
         self.running = 0
         self.cv = threading.Condition()
