@@ -6,31 +6,21 @@ are stacks of 1..4 levels, and the report prints the table and draws the plot.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from conftest import tiny_llama
-from test_compare import byte_level_tokenizer, conv
+from script_testing import run_script, save_tiny_chat_model
+from test_compare import conv
 
 from qadapter.stack import STACK_CONFIG
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stacking_experiment.py"
 DOMAINS = ("academy", "business", "entertainment", "literature")
 
 
 def run(*args, cwd):
-    out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return run_script("stacking_experiment.py", *args, cwd=cwd)
 
 
 def test_four_step_chains_measure_every_earlier_domain_and_report(tmp_path):
-    tok = byte_level_tokenizer()
-    tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_chat_model(tmp_path / "model")
     dsp = tmp_path / "dsp"
     dsp.mkdir()
     for k, d in enumerate(DOMAINS):

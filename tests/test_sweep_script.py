@@ -6,28 +6,17 @@ checks the harness (the sweep had never run to the end); tests/test_residual.py 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from conftest import tiny_llama
-from test_compare import byte_level_tokenizer, conv
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
+from script_testing import run_script, save_tiny_chat_model
+from test_compare import conv
 
 
 def run(*args, cwd):
-    out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return run_script("sweep.py", *args, cwd=cwd)
 
 
 def test_sweep_trains_every_variant_on_one_split_resumes_and_tabulates(tmp_path):
-    tok = byte_level_tokenizer()
-    tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_chat_model(tmp_path / "model")
     rows = [{"chosen": conv(f"w{i} w{i + 1}", f"w3{i % 10} w4"), "rejected": conv(f"w{i} w{i + 1}", "w50 w51 w52")}
             for i in range(24)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
