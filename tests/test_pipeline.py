@@ -168,6 +168,41 @@ def test_replay_answers_each_distinct_prompt_once():
         replay_dataset(pairs, ["base1", "base2"])
 
 
+def test_replay_draws_its_budget_rows_before_answering_them():
+    from qadapter.trainer.baselines import draw_replay_rows
+
+    chosen, prompts = draw_replay_rows(30, 10, 12, seed=3)
+    assert len(chosen) + len(prompts) == 12 and all(0 <= i < 30 for i in chosen) and all(0 <= i < 10 for i in prompts)
+    assert len(set(chosen)) == len(chosen) and len(set(prompts)) == len(prompts)
+    assert draw_replay_rows(30, 10, 12, seed=3) == (chosen, prompts)  # seeded
+    assert draw_replay_rows(30, 10, 12, seed=4) != (chosen, prompts)
+    assert draw_replay_rows(30, 10, 40, seed=3) == (list(range(30)), list(range(10)))  # a whole epoch: every row
+    # over many draws the mixture is the set's own (a quarter of the rows are replayed answers)
+    replayed = sum(len(draw_replay_rows(30, 10, 12, seed=s)[1]) for s in range(400)) / (400 * 12)
+    assert replayed == pytest.approx(0.25, abs=0.02)
+
+
+def test_replay_answers_only_the_prompts_its_steps_read(tiny_model_dir, tmp_path, monkeypatch):
+    import qadapter.generation as generation
+
+    asked = []
+    real_generate = generation.generate
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, tok, prompts, **kw: asked.append(list(prompts)) or real_generate(model, tok, prompts, **kw))
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 40), method="replay")
+    job.show_examples = 0  # the only generation left is the replay's
+    config.seed = 0  # a draw of 4 rows with replayed ones among them (seed 42 draws 4 chosen rows)
+    lines = []
+    report = run_training(job, config, log=lines.append)
+    assert report["steps"] == 2
+    # 36 training pairs with 36 distinct prompts make 72 rows; 2 steps of 2 read 4 of them
+    said = next(line for line in lines if line.startswith("replay:"))
+    assert "4 training rows of 72" in said
+    from qadapter.trainer.baselines import draw_replay_rows
+
+    assert len(asked) == 1 and len(asked[0]) == len(draw_replay_rows(36, 36, 4, seed=0)[1]) == 2
+
+
 def test_no_training_pairs_measured_when_train_eval_pairs_is_zero(tiny_model_dir, tmp_path):
     job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 12))
     job.train_eval_pairs, job.show_examples = 0, 0

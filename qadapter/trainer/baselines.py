@@ -6,7 +6,9 @@ itself: there is no composition with π1).
 
 * ``sft``: supervised fine-tuning on the chosen answers (TRL ``SFTTrainer``, loss on the completion).
 * ``replay``: SFT on the chosen answers plus the base model's own greedy answers to the same
-  training prompts, the classic rehearsal defence against forgetting.
+  training prompts, the classic rehearsal defence against forgetting. A run by ``max_steps`` reads
+  only max_steps × batch rows of that set: those rows are drawn first (seeded) and only their
+  prompts are answered.
 * ``dpo``: TRL ``DPOTrainer`` with β = 0.1 (``dpo_beta``) and the frozen base as reference.
 * ``sft_kl``: policy regularization, the paper's third baseline family: SFT on the chosen answers
   plus ``kl_weight`` · KL(π ‖ π1) per completion token toward the frozen base (:class:`SFTWithKLTrainer`).
@@ -15,6 +17,7 @@ itself: there is no composition with π1).
 from __future__ import annotations
 
 import dataclasses
+import random
 
 from datasets import Dataset
 from transformers import TrainingArguments
@@ -38,10 +41,29 @@ def replay_dataset(pairs: Dataset, base_answers: list[str], prompts: list | None
     prompts = list(pairs["prompt"]) if prompts is None else list(prompts)
     if len(prompts) != len(base_answers):
         raise ValueError(f"replay: {len(base_answers)} base answers for {len(prompts)} prompts")
-    conversational = isinstance(pairs[0]["prompt"], list)
+    conversational = isinstance((list(pairs["prompt"]) + prompts)[0], list) if len(pairs) + len(prompts) else False
     replayed = [[{"role": "assistant", "content": a}] if conversational else a for a in base_answers]
     return Dataset.from_dict({"prompt": list(sft["prompt"]) + prompts,
                               "completion": list(sft["completion"]) + replayed})
+
+
+def rows_seen(config, n_rows: int) -> int:
+    """How many of ``n_rows`` training rows a run of ``config`` reads: all of them when it runs by
+    epochs, at most max_steps × batch × accumulation × processes when ``max_steps`` is set."""
+    if config.max_steps is None or config.max_steps <= 0:
+        return n_rows
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    return min(n_rows, config.max_steps * per_step)
+
+
+def draw_replay_rows(n_chosen: int, n_prompts: int, budget: int, seed: int) -> tuple[list[int], list[int]]:
+    """Which rows of a replay set (``n_chosen`` SFT rows, then one row per distinct prompt) a run that
+    reads ``budget`` rows uses: a seeded draw without replacement, the same mixture the trainer's own
+    shuffle would give, so that only the drawn prompts need a base answer. Returns (chosen row
+    indices, prompt indices), each sorted."""
+    total = n_chosen + n_prompts
+    drawn = range(total) if budget >= total else sorted(random.Random(seed).sample(range(total), budget))
+    return [i for i in drawn if i < n_chosen], [i - n_chosen for i in drawn if i >= n_chosen]
 
 
 def _sft_with_kl_trainer():
@@ -111,13 +133,19 @@ def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, 
         else:
             from ..generation import generate
 
-            # one base answer per distinct prompt (DSP has 4 pairs per query), replayed once per prompt
+            # one base answer per distinct prompt (DSP has 4 pairs per query), replayed once per prompt;
+            # a run by steps reads only part of the set, so only the prompts of the rows it will read
+            # are answered (generation would otherwise cost more than the training itself)
             unique = distinct_prompts(train_pairs["prompt"])
-            log(f"replay: answering {len(unique)} distinct training prompts ({len(train_pairs)} pairs) with the "
-                f"base model (greedy, at most {replay_new_tokens} tokens)")
-            answers = generate(model, tokenizer, unique, alpha_0=0.0, alpha_tilde=1.0,
-                               policy="base", max_new_tokens=replay_new_tokens)
-            data = replay_dataset(train_pairs, answers, prompts=unique)
+            budget = rows_seen(config, len(train_pairs) + len(unique))
+            chosen_rows, prompt_rows = draw_replay_rows(len(train_pairs), len(unique), budget, config.seed)
+            prompts = [unique[i] for i in prompt_rows]
+            log(f"replay: {budget} training rows of {len(train_pairs) + len(unique)} ({len(train_pairs)} chosen "
+                f"answers, {len(unique)} distinct prompts) are read; answering their {len(prompts)} prompts with "
+                f"the base model (greedy, at most {replay_new_tokens} tokens)")
+            answers = generate(model, tokenizer, prompts, alpha_0=0.0, alpha_tilde=1.0, policy="base",
+                               max_new_tokens=replay_new_tokens) if prompts else []
+            data = replay_dataset(train_pairs.select(chosen_rows), answers, prompts=prompts)
         args = SFTConfig(**common, max_length=config.max_length, completion_only_loss=True)
         extra = {"kl_weight": kl_weight} if method == "sft_kl" else {}
         trainer = (_sft_with_kl_trainer() if method == "sft_kl" else SFTTrainer)(
