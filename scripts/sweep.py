@@ -34,7 +34,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "full_same_longest": ("qadapter", dict(parameterization="full", value_pairing="same_state",
                                            normalizer="longest_sequence", alpha_0=0.01, alpha_tilde=1.0, beta=0.1)),
     "res_a1_b0.1": ("qadapter", dict(alpha_tilde=1.0, beta=0.1)),
+    # β = 0 with tied α's is DPO at β = α̃ exactly (tests/test_residual.py), by the same fast step
     "res_a1_b0": ("qadapter", dict(alpha_tilde=1.0, beta=0.0)),
+    "res_a0.1_b0": ("qadapter", dict(alpha_tilde=0.1, beta=0.0)),
     "res_a1_b1": ("qadapter", dict(alpha_tilde=1.0, beta=1.0)),
     "res_a1_b0.1_same": ("qadapter", dict(alpha_tilde=1.0, beta=0.1, value_pairing="same_state")),
     "res_a1_b0.1_longest": ("qadapter", dict(alpha_tilde=1.0, beta=0.1, normalizer="longest_sequence")),
