@@ -12,6 +12,20 @@ import torch
 from conftest import make_tiny_tokenizer, randomize_lora
 
 
+#: the one user turn most server tests send
+USER = [{"role": "user", "content": "w1 w2 w3"}]
+
+
+def server_clients():
+    """(openai, httpx), or skip the calling test module where the server's or the clients' packages
+    are missing (call it at module level, before importing anything of qadapter.server)."""
+    openai = pytest.importorskip("openai", reason="the server tests need the openai client: pip install 'qadapter[test]'")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    return openai, httpx
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads that

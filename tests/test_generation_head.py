@@ -11,17 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qadapter import generation as G
-from test_generation import PROMPTS, encoded, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
+from test_generation import PROMPTS, encoded, model, tiny_model, tok  # noqa: F401  (model, tok: fixtures)
 
 
 def _steps(engine, ids, mask, n):

@@ -16,16 +16,11 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai", reason="the server tests need the openai client: pip install 'qadapter[test]'")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from server_testing import USER, one_torch_thread, running_server, save_adapters, server_clients, wait_for  # noqa: F401
 
-from server_testing import one_torch_thread, running_server, save_adapters, wait_for  # noqa: E402,F401
+openai, httpx = server_clients()
 
 from qadapter.chat import encode_prompt  # noqa: E402
-
-USER = [{"role": "user", "content": "w1 w2 w3"}]
 
 
 @pytest.fixture(scope="module")

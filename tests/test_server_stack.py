@@ -7,15 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from conftest import make_tiny_tokenizer, randomize_lora
+from server_testing import USER, one_torch_thread, running_server, server_clients, tiny_base  # noqa: F401
 
-from conftest import make_tiny_tokenizer, randomize_lora  # noqa: E402
-from server_testing import one_torch_thread, running_server, tiny_base  # noqa: E402,F401
-
-USER = [{"role": "user", "content": "w1 w2 w3"}]
+openai, httpx = server_clients()
 
 
 @pytest.fixture(scope="module")
