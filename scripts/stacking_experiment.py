@@ -12,8 +12,8 @@ folder: the earlier policy merged into the base is the new π1 / the DPO referen
 for every step and method. After each step it measures, on the same held-out pairs and prompts:
 the held-out margin accuracy of every domain customized so far (margin = [log π(y_w|x) − log
 π0(y_w|x)] − [log π(y_l|x) − log π0(y_l|x)] against the ORIGINAL base π0; 0.5 for π0 itself), the
-KL from the original base on general prompts (UltraFeedback, none trained on), and at the last step
-ARC-Easy. The split is by ``query_index``: the same held-out queries for all four domains (DSP's
+KL from the original base on general prompts (UltraFeedback, none trained on), and after the steps
+of ``--arc-at-steps`` ARC-Easy. The split is by ``query_index``: the same held-out queries for all four domains (DSP's
 four files hold the same 661 queries), none of them trained on in any step. DSP (CC BY-NC) is read
 from ``--dsp`` and the per-domain training files are written under ``--out`` (never into the
 repository). Results are written after every measurement to ``OUT/{method}.json``.
