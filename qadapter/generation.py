@@ -180,6 +180,13 @@ class _FastEngine(_Engine):
         self.context = contextlib.nullcontext()  # entered around every forward
         if peft and self.branches == ("base",):
             self._stack.enter_context(model.disable_adapter())
+        elif peft and self.branches == ("adapter",):
+            # the adapter on every row through the same lean per-layer forward as the two-branch
+            # split (bit-equal to PEFT's LoRA forward, without its per-call bookkeeping, which costs
+            # ~4% of a batch-1 step on a fast CPU: bench/NOTES.md)
+            plan, layers = fast_plan(model, active_adapter(model))
+            if plan == "split":
+                self.context = SplitRows(layers, 0, active_adapter(model))
         elif self.two:
             adapter = active_adapter(model)
             plan, layers = fast_plan(model, adapter)

@@ -171,6 +171,30 @@ def test_residual_at_alpha0_equal_q_scale_runs_the_adapter_branch_alone(model, t
     one.close(), both.close()
 
 
+def test_the_adapter_branch_alone_runs_the_lean_lora_forward_bit_equal_to_peft(model, tok):
+    """One branch (strength 1 at tied α's): every LoRA layer runs the lean forward of the row split on
+    all rows; prefill and every step give exactly PEFT's own LoRA forward's logits."""
+    import contextlib
+
+    from qadapter.backbone import SplitRows
+    from qadapter.generation import _FastEngine, left_pad
+
+    ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS[:3]], 0)
+    runs = []
+    for lean in (True, False):
+        engine = _FastEngine(model, "customized", 0.7, 0.35, 3, "residual", 0.7)
+        assert engine.branches == ("adapter",) and isinstance(engine.context, SplitRows)
+        if not lean:
+            engine.context = contextlib.nullcontext()  # PEFT's LoRA Linear.forward
+        with torch.inference_mode():
+            steps = [engine.prefill(ids, mask, ids.shape[1] + 4)]
+            for _ in range(3):
+                steps.append(engine.step(steps[-1].argmax(-1)))
+        engine.close()
+        runs.append(torch.stack(steps))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_padded_row_equals_the_same_prompt_alone(model, tok):
     kw = dict(alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=10, eos_token_id=[], return_ids=True)
     _, batch = generate(model, tok, PROMPTS, **kw)
