@@ -11,6 +11,7 @@ module but ``errors``.
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 from typing import Sequence
 
@@ -192,6 +193,12 @@ def fast_plan(model, adapter: str):
     return ("split", layers) if plain else ("peft", None)
 
 
+def _power_of_two(value) -> bool:
+    """Whether multiplying by ``value`` is exact in floating point (a power of two, either sign)."""
+    mantissa, _ = math.frexp(float(value))
+    return abs(mantissa) == 0.5
+
+
 def _split_rows_forward(module, split: int, adapter: str):
     """A forward for one LoRA ``Linear`` that applies the adapter to rows ``split:`` only.
 
@@ -208,6 +215,20 @@ def _split_rows_forward(module, split: int, adapter: str):
     if plain:
         W, b, A, A_b, B_w, B_b = (base_layer.weight, base_layer.bias, lora_A.weight, lora_A.bias,
                                   lora_B.weight, lora_B.bias)
+        if split == 0 and _power_of_two(scaling):
+            # every row an adapter row (the one-branch decoder): scaling folded into lora_B, which
+            # is exact for a power of two (LoRA's default alpha = 2·r), and no row slicing: four
+            # ops a layer instead of seven, bit-equal to PEFT's forward
+            B_s = B_w * scaling
+            B_bs = None if B_b is None else B_b * scaling
+
+            def forward(x, *args, **kwargs):
+                result = F.linear(x, W, b)
+                rows = x if x.dtype == lora_dtype else x.to(lora_dtype)
+                result += F.linear(F.linear(rows, A, A_b), B_s, B_bs).to(result.dtype)
+                return result
+
+            return forward
 
         def forward(x, *args, **kwargs):
             result = F.linear(x, W, b)

@@ -67,7 +67,8 @@ def tiny_model(tokenizer, *, trained: bool = True, seed: int = 0, **lora_kwargs)
     base = tiny_base(tokenizer, seed)
     lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
     lora_kwargs.setdefault("lora_dropout", 0.0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **lora_kwargs))
+    lora_kwargs.setdefault("lora_alpha", 8)
+    model = get_peft_model(base, LoraConfig(r=4, **lora_kwargs))
     if trained:
         gen = torch.Generator().manual_seed(seed + 1)
         for name, param in model.named_parameters():
@@ -193,6 +194,22 @@ def test_the_adapter_branch_alone_runs_the_lean_lora_forward_bit_equal_to_peft(m
         engine.close()
         runs.append(torch.stack(steps))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("lora_alpha", [8, 6])  # scaling 2 (folded into lora_B, exact) and 1.5 (not folded)
+def test_the_lean_lora_forward_equals_peft_at_any_scaling(tok, lora_alpha):
+    from qadapter.backbone import SplitRows, _power_of_two, fast_plan
+
+    assert _power_of_two(2.0) and _power_of_two(0.25) and not _power_of_two(1.5) and not _power_of_two(0.0)
+    model = tiny_model(tok, lora_alpha=lora_alpha)
+    ids, mask = encoded(tok, PROMPTS[:3])
+    plan, layers = fast_plan(model, "default")
+    assert plan == "split"
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with SplitRows(layers, 0, "default"):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
 
 
 def test_padded_row_equals_the_same_prompt_alone(model, tok):
