@@ -11,8 +11,8 @@ module but ``errors``.
 from __future__ import annotations
 
 import contextlib
-import math
 import hashlib
+import math
 from typing import Sequence
 
 import torch

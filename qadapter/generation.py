@@ -180,20 +180,16 @@ class _FastEngine(_Engine):
         self.context = contextlib.nullcontext()  # entered around every forward
         if peft and self.branches == ("base",):
             self._stack.enter_context(model.disable_adapter())
-        elif peft and self.branches == ("adapter",):
-            # the adapter on every row through the same lean per-layer forward as the two-branch
-            # split (bit-equal to PEFT's LoRA forward, without its per-call bookkeeping, which costs
-            # ~4% of a batch-1 step on a fast CPU: bench/NOTES.md)
-            plan, layers = fast_plan(model, active_adapter(model))
-            if plan == "split":
-                self.context = SplitRows(layers, 0, active_adapter(model))
-        elif self.two:
+        elif peft:
             adapter = active_adapter(model)
             plan, layers = fast_plan(model, adapter)
-            if plan == "peft":  # PEFT's own mixed-adapter batch
+            if plan == "split":
+                # the adapter on rows B: (two branches) or on every row (one): PEFT's LoRA arithmetic
+                # without its per-call bookkeeping, which costs ~4% of a batch-1 step on a fast CPU
+                # (bench/NOTES.md); bit-equal to PEFT's forward
+                self.context = SplitRows(layers, self.B if self.two else 0, adapter)
+            elif self.two:  # PEFT's own mixed-adapter batch (_fast_supported refused "reference")
                 self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
-            else:
-                self.context = SplitRows(layers, self.B, adapter)
         self.mixed_head = self._mixed_head() if self.two and policy == "customized" else None
 
     def _mixed_head(self):

@@ -184,6 +184,7 @@ def test_replay_draws_its_budget_rows_before_answering_them():
 
 def test_replay_answers_only_the_prompts_its_steps_read(tiny_model_dir, tmp_path, monkeypatch):
     import qadapter.generation as generation
+    from qadapter.trainer.baselines import draw_replay_rows
 
     asked = []
     real_generate = generation.generate
@@ -198,8 +199,6 @@ def test_replay_answers_only_the_prompts_its_steps_read(tiny_model_dir, tmp_path
     # 36 training pairs with 36 distinct prompts make 72 rows; 2 steps of 2 read 4 of them
     said = next(line for line in lines if line.startswith("replay:"))
     assert "4 training rows of 72" in said
-    from qadapter.trainer.baselines import draw_replay_rows
-
     assert len(asked) == 1 and len(asked[0]) == len(draw_replay_rows(36, 36, 4, seed=0)[1]) == 2
 
 

@@ -41,7 +41,8 @@ def replay_dataset(pairs: Dataset, base_answers: list[str], prompts: list | None
     prompts = list(pairs["prompt"]) if prompts is None else list(prompts)
     if len(prompts) != len(base_answers):
         raise ValueError(f"replay: {len(base_answers)} base answers for {len(prompts)} prompts")
-    conversational = isinstance((list(pairs["prompt"]) + prompts)[0], list) if len(pairs) + len(prompts) else False
+    first = pairs[0]["prompt"] if len(pairs) else prompts[0] if prompts else ""
+    conversational = isinstance(first, list)
     replayed = [[{"role": "assistant", "content": a}] if conversational else a for a in base_answers]
     return Dataset.from_dict({"prompt": list(sft["prompt"]) + prompts,
                               "completion": list(sft["completion"]) + replayed})
