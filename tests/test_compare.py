@@ -15,6 +15,7 @@ from conftest import tiny_llama
 from qadapter.recipes.compare import (DEFAULT_LIMITS, Comparison, parse_limits, run_comparison, tradeoff,
                               write_results)
 from qadapter.evaluation import EvalResult, make_metric
+from qadapter.recipes.compare.evaluations import ANSWER_METRICS
 from qadapter.recipes.config import JobArguments
 from qadapter.trainer import QAdapterConfig
 
@@ -116,7 +117,7 @@ def test_compare_trains_every_method_evaluates_every_policy_and_resumes(setup, m
         rows = list(csv.DictReader(f))
     assert [r["policy"] for r in rows] == policies
     for r in rows:
-        for col in ("arc_easy", "kl", "pref_acc", "margin", "win_rate"):
+        for col in ("arc_easy", "kl", "pref_acc", "margin", "win_rate", "repetition"):
             assert float(r[f"{col}_ci_low"]) <= float(r[col]) <= float(r[f"{col}_ci_high"])
             assert int(r[f"{col}_n"]) == 2
     base = rows[0]
@@ -163,6 +164,14 @@ def test_compare_trains_every_method_evaluates_every_policy_and_resumes(setup, m
                                                                         judge=ConstantJudge(1.0)))
     assert sorted(rejudged.computed) == sorted((p, "win_rate") for p in policies)
     assert rejudged.results["dpo"]["win_rate"]["score"] == 1.0
+    # so does a new metric of the answers: results stored before it existed are redone from their answers
+    monkeypatch.setattr("qadapter.recipes.compare.evaluations.ANSWER_METRICS", ANSWER_METRICS + ("another",))
+    remeasured = run_comparison(out, job, config, **comparison_kwargs(setup, limits=limits, train_judge=False,
+                                                                          judge=ConstantJudge(1.0)))
+    assert sorted(remeasured.computed) == sorted((p, "win_rate") for p in policies)
+    assert (remeasured.results["dpo"]["win_rate"]["extra"]["policy_answers"]
+            == rejudged.results["dpo"]["win_rate"]["extra"]["policy_answers"])
+    monkeypatch.undo()
 
     # other training settings in the same folder are refused, not silently mixed
     other_job, other_config = job_and_config(setup, learning_rate=5e-3)

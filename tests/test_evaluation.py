@@ -441,6 +441,23 @@ def test_win_rate_with_constant_judges(policy):
     assert generated.score == 0.5 and generated.extra["ties"] == 2
 
 
+def test_win_rate_reports_how_much_the_policy_answers_repeat(policy):
+    from qadapter.evaluation.repetition import repeated_ngram_fraction, repeated_ngram_fractions
+
+    loop = "I can help you. I can help you. I can help you."  # 12 words, 9 4-grams, 5 of them repeats
+    answers = [loop, "a plain answer that never repeats a phrase", "too short"]
+    assert repeated_ngram_fractions(answers) == pytest.approx([5 / 9, 0.0, 0.0])
+    assert repeated_ngram_fraction(answers) == pytest.approx(5 / (9 + 5))  # pooled over the 4-grams
+    result = win_rate(policy, policy, ConstantJudge(1.0), prompts=["a", "b", "c"], policy_answers=answers,
+                      base_answers=["x"] * 3, progress=False)
+    assert result["repeated_4grams"] == pytest.approx(5 / 27)
+    assert [s["repeated_4grams"] for s in result.samples] == pytest.approx([5 / 9, 0.0, 0.0])
+    # the base's answers are not the policy's: swapping them moves the measure
+    swapped = win_rate(policy, policy, ConstantJudge(1.0), prompts=["a", "b", "c"], policy_answers=["x"] * 3,
+                       base_answers=answers, progress=False)
+    assert swapped["repeated_4grams"] == 0.0
+
+
 def test_reward_model_judge(tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from .benchmarks import load_general_prompts
 from .judges import judge_many
+from .repetition import repeated_ngram_fractions
 from ..chat import as_messages, render_chat
 from .policy import encode
 from .scoring import generate_texts, policies_logprobs
@@ -114,7 +115,9 @@ def win_rate(policy, base, judge, *, prompts: Sequence[Any] | None = None, limit
     message lists, all used unless ``limit`` is given; default: ``limit`` (100 if None) general
     prompts drawn with ``seed``). Each prompt scores ``judge(prompt, policy
     answer, base answer)`` — 1 a win, 0 a loss, 0.5 a tie (a soft judge may return anything
-    between); ``win_rate`` is the mean. ``both_orders=True`` also asks with the answers swapped and
+    between); ``win_rate`` is the mean. ``repeated_4grams`` is the mean over the policy's answers of
+    the fraction of each answer's word 4-grams it already said (0 = never repeats a phrase; the
+    degeneration a reward-model judge may not punish). ``both_orders=True`` also asks with the answers swapped and
     averages p and 1 − p', cancelling a judge's position bias (worth it for LLM judges, useless for a
     reward model). Pre-computed answers can be passed (``policy_answers`` / ``base_answers``, e.g. the
     base answers from ``result.extra`` of an earlier call) and are then not regenerated.
@@ -137,11 +140,13 @@ def win_rate(policy, base, judge, *, prompts: Sequence[Any] | None = None, limit
     p = np.asarray(judge_many(judge, prompts, policy_answers, base_answers))
     if both_orders:
         p = (p + (1.0 - np.asarray(judge_many(judge, prompts, base_answers, policy_answers)))) / 2.0
-    metrics = {"win_rate": make_metric(p, n_boot, seed)}
+    # how much the policy's answers repeat themselves (degeneration the judge may not punish)
+    repetition = repeated_ngram_fractions(policy_answers, n=4)
+    metrics = {"win_rate": make_metric(p, n_boot, seed), "repeated_4grams": make_metric(repetition, n_boot, seed)}
     result = EvalResult(task, len(prompts), metrics, "win_rate",
                         {"limit": limit, "seed": seed, "max_new_tokens": max_new_tokens, "both_orders": both_orders,
                          "judge": repr(judge)},
-                        samples=[{"p": float(x)} for x in p])
+                        samples=[{"p": float(x), "repeated_4grams": r} for x, r in zip(p, repetition)])
     result.extra.update(wins=int((p > 0.5).sum()), ties=int((p == 0.5).sum()), losses=int((p < 0.5).sum()),
                         prompts=prompts, policy_answers=list(policy_answers), base_answers=list(base_answers))
     return result

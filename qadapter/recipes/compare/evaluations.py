@@ -81,7 +81,8 @@ class Evaluation:
     default_limit: int | None = None
 
     def key(self, ctx: Context) -> dict[str, Any]:
-        values = {"max_new_tokens": ctx.max_new_tokens, "bbh_tasks": ctx.bbh_tasks, "held_out": ctx.held_out_hash}
+        values = {"max_new_tokens": ctx.max_new_tokens, "bbh_tasks": ctx.bbh_tasks, "held_out": ctx.held_out_hash,
+                  "answer_metrics": list(ANSWER_METRICS)}  # a list: the key is compared after a JSON round trip
         return {("tasks" if f == "bbh_tasks" else f): values[f] for f in self.key_fields}
 
     def item_scores(self, result: dict) -> tuple[list, np.ndarray] | None:
@@ -94,6 +95,11 @@ class Evaluation:
         if all(k == (None, None, None) for k in keys):
             keys = list(range(len(samples)))
         return keys, np.asarray(scores, dtype=np.float64)
+
+
+#: what the win-rate evaluation computes from the answers it generates; part of its cache key, so a
+#: result stored before a metric was added is redone from its stored answers (nothing regenerated)
+ANSWER_METRICS = ("win_rate", "repeated_4grams")
 
 
 # --------------------------------------------------------------------------- the evaluators
@@ -218,8 +224,10 @@ REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
                                Column("margin", "preferences", "mean_margin", "margin")),
                _preferences, lambda s: float(ties_half(np.asarray(s["logp_chosen"] - s["logp_rejected"]))),
                key_fields=("held_out",), benchmark=False, at_strengths=_preferences_at),
-    Evaluation("win_rate", (Column("win_rate", "win_rate", "win_rate", "win rate vs base"),), _win_rate,
-               lambda s: float(s["p"]), key_fields=("max_new_tokens", "held_out"), benchmark=False, default_limit=20),
+    Evaluation("win_rate", (Column("win_rate", "win_rate", "win_rate", "win rate vs base"),
+                            Column("repetition", "win_rate", "repeated_4grams", "repeated 4-grams")), _win_rate,
+               lambda s: float(s["p"]), key_fields=("max_new_tokens", "held_out", "answer_metrics"), benchmark=False,
+               default_limit=20),
 )}
 
 #: the retention benchmarks, by the name ``--benchmarks`` takes (``kl`` is the KL from the base model)
@@ -227,7 +235,7 @@ BENCHMARKS: dict[str, Column] = {e.name: e.columns[0] for e in REGISTRY.values()
 #: the benchmarks whose score drop is "retention lost" (higher is better for each)
 RETENTION_BENCHMARKS = tuple(e.name for e in REGISTRY.values() if e.retention)
 PREFERENCE_COLUMNS = REGISTRY["preferences"].columns
-WIN_RATE_COLUMN = REGISTRY["win_rate"].columns[0]
+WIN_RATE_COLUMN, REPETITION_COLUMN = REGISTRY["win_rate"].columns
 EVALUATIONS = tuple(REGISTRY)
 DEFAULT_LIMITS: dict[str, int | None] = {e.name: e.default_limit for e in REGISTRY.values()}
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from ...evaluation.stats import bootstrap_means
 from ...io import write_text_atomically
-from .evaluations import BENCHMARKS, PREFERENCE_COLUMNS, RETENTION_BENCHMARKS, WIN_RATE_COLUMN, Column, item_scores
+from .evaluations import (BENCHMARKS, PREFERENCE_COLUMNS, REPETITION_COLUMN, RETENTION_BENCHMARKS, WIN_RATE_COLUMN,
+                          Column, item_scores)
 from .frontier import frontier_section, plot_frontier
 from .methods import METHOD_REGISTRY, MethodSpec, number_text, parse_method_spec
 from .results import Comparison, cell, metric, table
@@ -82,7 +83,7 @@ def _columns(benchmarks: Sequence[str], judged: bool) -> list[Column]:
     cols = [BENCHMARKS[b] for b in BENCHMARKS if b in benchmarks]
     cols += list(PREFERENCE_COLUMNS)
     if judged:
-        cols.append(WIN_RATE_COLUMN)
+        cols += [WIN_RATE_COLUMN, REPETITION_COLUMN]
     return cols
 
 def write_results(comparison: Comparison) -> dict[str, Path]:
@@ -167,7 +168,11 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
             [cell(metric(comparison.results.get(p, {}), c), with_n=n_header[c.key] is None) for c in columns]
             for p in comparison.policies]
     md += ["## Results", "", "Each cell: value [bootstrap 95% interval]; n = items scored.", "", table(head, rows), ""]
-    if not judged:
+    if judged:
+        md += ["Win rate: the judge's verdict on each policy's greedy answer to a held-out prompt against the base "
+               "model's (0.5 = no change); repeated 4-grams: the mean over those answers of the fraction of each "
+               "answer's word 4-grams it had already said (0 = no phrase repeated; degeneration a judge may miss).", ""]
+    else:
         md += ["Win rate: **not measured** (no judge: pass `--judge PATH_TO_REWARD_MODEL` or `--train-judge`).", ""]
 
     # trade-off table

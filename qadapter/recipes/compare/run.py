@@ -359,9 +359,11 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
                                                         disable=not progress):
                     reuse = None
                     if evaluation == "win_rate" and cached:
-                        # only the judge changed: the policy's answers are still valid, only the verdicts are redone
-                        old = cached.get("key", {})
-                        if {a: b for a, b in old.items() if a != "judge"} == {a: b for a, b in k.items() if a != "judge"}:
+                        # only the judge (or what is computed from the answers) changed: the policy's answers are
+                        # still valid, only the verdicts and metrics are redone
+                        old, answer_only = cached.get("key", {}), ("judge", "answer_metrics")
+                        if ({a: b for a, b in old.items() if a not in answer_only}
+                                == {a: b for a, b in k.items() if a not in answer_only}):
                             reuse = cached["result"]["extra"].get("policy_answers") or None
                     result = precomputed.get((policy_name, evaluation))
                     if result is None:
