@@ -18,7 +18,10 @@ of the repeats is reported. The last line is
 
 (on the first device measured: CPU; the first pair at the first strength, the second at the last).
 The reference engine is run once per configuration, to check that its tokens equal the fast
-engine's; ``--time-reference`` times it too. Usage: python bench/decode.py [--new-tokens 64] [--repeats 5]
+engine's; ``--time-reference`` times it too. On the CPU the two-branch engine times the two operand
+orders of its few-row products and keeps the faster (qadapter.products; the bench prints what it
+measured); ``QADAPTER_SMALL_PRODUCTS=linear python bench/decode.py`` measures it without that.
+Usage: python bench/decode.py [--new-tokens 64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def timed(fn, device) -> tuple[float, float]:
 def bench_device(device, args, tokenizer, base, peft_model, decoding: dict) -> dict[int, float]:
     from qadapter.chat import encode_prompt
     from qadapter.generation import generate, left_pad
+    from qadapter.products import small_products
 
     n = args.new_tokens
     ratios = {}
@@ -129,6 +133,11 @@ def bench_device(device, args, tokenizer, base, peft_model, decoding: dict) -> d
             cpu_tps = {name: batch * n / statistics.median(ts) for name, ts in cpu_times.items()}
             print(f"  by median process CPU time (robust to other processes on a shared machine): "
                   f"fast/base {cpu_tps['fast'] / cpu_tps['base_hf_generate']:.2f}x", flush=True)
+        products = small_products(peft_model.get_base_model())
+        if products is not None and products.timings:  # what the two-branch engine measured and chose
+            print("  two-branch few-row products (qadapter.products), seconds per sweep x·Wᵀ / W·xᵀ: "
+                  + ", ".join(f"{rows} rows {lin:.4f} / {wf:.4f} -> {'W·xᵀ' if products.choice[rows] else 'x·Wᵀ'}"
+                              for rows, (lin, wf) in sorted(products.timings.items())), flush=True)
     return ratios
 
 

@@ -199,14 +199,16 @@ def _power_of_two(value) -> bool:
     return abs(mantissa) == 0.5
 
 
-def _split_rows_forward(module, split: int, adapter: str):
+def _split_rows_forward(module, split: int, adapter: str, linear=F.linear):
     """A forward for one LoRA ``Linear`` that applies the adapter to rows ``split:`` only.
 
     Rows ``:split`` get ``base_layer(x)`` (what PEFT computes with the adapter disabled), rows
     ``split:`` get ``base_layer(x) + lora_B(lora_A(x)) · scaling`` (what PEFT computes with it enabled;
     dropout is the identity in eval mode). Same operations, operand shapes and dtype casts as
     ``peft.tuners.lora.Linear.forward``, minus its per-call bookkeeping: this runs 2 × layers × tokens
-    times per generation, so it calls ``F.linear`` directly where the modules are plain ``nn.Linear``.
+    times per generation, so it calls ``F.linear`` directly where the modules are plain ``nn.Linear``
+    (``linear``, F.linear's signature, computes the base product of a two-way split: the two-branch
+    decoder passes :class:`qadapter.products.SmallProducts`).
     """
     base_layer, lora_A, lora_B = module.base_layer, module.lora_A[adapter], module.lora_B[adapter]
     scaling = module.scaling[adapter]
@@ -231,7 +233,7 @@ def _split_rows_forward(module, split: int, adapter: str):
             return forward
 
         def forward(x, *args, **kwargs):
-            result = F.linear(x, W, b)
+            result = linear(x, W, b)
             rows = x[split:]
             if rows.dtype != lora_dtype:
                 rows = rows.to(lora_dtype)
@@ -258,26 +260,36 @@ def replaced_forward(module, forward):
         del module.forward
 
 
-class SplitRows:
-    """Context manager: within the block, every LoRA layer in ``layers`` applies ``adapter`` to batch
-    rows ``split:`` only (rows ``:split`` see the base model). Re-enterable; the per-layer forwards
-    are built once, so entering and leaving costs two dict operations per layer."""
+class ReplacedForwards:
+    """Context manager: within the block, each module of ``forwards`` [(module, forward)] runs its
+    ``forward`` instead of its own (module hooks still run). Re-enterable; the forwards are built
+    once, so entering and leaving costs two dict operations per module."""
 
-    def __init__(self, layers, split: int, adapter: str):
-        self.forwards = [(layer, _split_rows_forward(layer, split, adapter)) for layer in layers]
+    def __init__(self, forwards):
+        self.forwards = list(forwards)
 
     def __enter__(self):
         try:
-            for layer, forward in self.forwards:
-                layer.forward = forward
+            for module, forward in self.forwards:
+                module.forward = forward
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc):
-        for layer, _ in self.forwards:
-            layer.__dict__.pop("forward", None)
+        for module, _ in self.forwards:
+            module.__dict__.pop("forward", None)
+
+
+class SplitRows(ReplacedForwards):
+    """Context manager: within the block, every LoRA layer in ``layers`` applies ``adapter`` to batch
+    rows ``split:`` only (rows ``:split`` see the base model). ``linear`` (F.linear's signature)
+    computes the base products of a split (the two-branch decoder's order measured faster,
+    :mod:`qadapter.products`)."""
+
+    def __init__(self, layers, split: int, adapter: str, linear=F.linear):
+        super().__init__((layer, _split_rows_forward(layer, split, adapter, linear)) for layer in layers)
 
 
 def active_adapter(model) -> str:

@@ -27,10 +27,11 @@ nothing but how the logits are computed:
 
 Both engines compute the same function; in floating point their logits agree to rounding (bitwise
 in our checks at batch >= 2; ~1e-5 at batch 1, where the matrix kernels for one row and for two rows
-sum in different orders), and they produce identical tokens (the tests check this, and also against
-a cache-free full recompute of eq. (1) at every step). A model must not be used by other code while
-``generate`` runs on it (its LoRA layers are switched per forward, as PEFT's own
-``disable_adapter()`` does).
+sum in different orders; on the CPU the two-branch products take the operand order measured faster,
+:mod:`qadapter.products`, also equal to rounding), and they produce identical tokens (the tests check
+this, and also against a cache-free full recompute of eq. (1) at every step). A model must not be
+used by other code while ``generate`` runs on it (its LoRA layers are switched per forward, as PEFT's
+own ``disable_adapter()`` does).
 
 Special settings (see ``docs/generation.md``): ``policy="base"`` samples π1 itself (the adapter
 disabled; identical to the base model's own ``generate()``); ``policy="adapter"`` samples
@@ -55,6 +56,7 @@ from .backbone import (active_adapter, eos_token_ids, fast_plan, inner_model, is
                        replaced_forward, SplitRows)
 from .chat import encode_prompt, normalize_prompts
 from .objective import adapter_only_logits, customized_logits
+from .products import body_linears, entered, LinearForwards, small_products
 
 POLICIES = ("customized", "base", "adapter")
 
@@ -178,6 +180,13 @@ class _FastEngine(_Engine):
         self._stack = contextlib.ExitStack()
         self.adapter_names = None
         self.context = contextlib.nullcontext()  # entered around every forward
+        # two branches on the CPU: the 2B-row products in the operand order measured faster on this
+        # machine (qadapter.products; equal to rounding); one branch stays bit-equal to PEFT's forward
+        self.products = small_products(self.inner) if self.two else None
+        linear = self.products or F.linear
+        if self.products is not None:
+            self.products.prepare(2 * self.B, self.B)  # the steps' rows and the mixed head's
+            self.context = LinearForwards(body_linears(self.inner), self.products)
         if peft and self.branches == ("base",):
             self._stack.enter_context(model.disable_adapter())
         elif peft:
@@ -187,7 +196,8 @@ class _FastEngine(_Engine):
                 # the adapter on rows B: (two branches) or on every row (one): PEFT's LoRA arithmetic
                 # without its per-call bookkeeping, which costs ~4% of a batch-1 step on a fast CPU
                 # (bench/NOTES.md); bit-equal to PEFT's forward
-                self.context = SplitRows(layers, self.B if self.two else 0, adapter)
+                split = SplitRows(layers, self.B if self.two else 0, adapter, linear)
+                self.context = split if self.products is None else entered(split, self.context)
             elif self.two:  # PEFT's own mixed-adapter batch (_fast_supported refused "reference")
                 self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
         self.mixed_head = self._mixed_head() if self.two and policy == "customized" else None
@@ -212,13 +222,14 @@ class _FastEngine(_Engine):
         a, c = (1.0, self.alpha_0) if parameterization == "full" else (q_scale, self.alpha_0 - q_scale)
         a, c, B = a / self.alpha_tilde, c / self.alpha_tilde, self.B
         weight, bias = head.weight, head.bias
+        linear = getattr(self, "products", None) or F.linear
         bias = None if bias is None else bias * (a + c)
 
         def forward(hidden):  # (2B, 1, H): base rows, then adapter rows
             mixed = torch.mul(hidden[B:].float(), a)  # a new (B, 1, H) tensor, also for a = 1
             if c != 0.0:
                 mixed.add_(hidden[:B].float(), alpha=c)
-            return F.linear(mixed.to(weight.dtype), weight, bias)
+            return linear(mixed.to(weight.dtype), weight, bias)
 
         return head, forward
 
@@ -227,7 +238,7 @@ class _FastEngine(_Engine):
         mixed = self.mixed_head if "compose" not in vars(self) else None
         head = contextlib.nullcontext() if mixed is None else replaced_forward(*mixed)
         if self.adapter_names is not None:
-            with head:
+            with self.context, head:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                  logits_to_keep=1, adapter_names=self.adapter_names, **kwargs)
         else:
