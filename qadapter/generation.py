@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import (active_adapter, eos_token_ids, fast_plan, inner_model, is_peft, pad_token_id, projection_head,
-                       replaced_forward, SplitRows)
+                       replaced_forward, ReplacedForwards, SplitRows)
 from .chat import encode_prompt, normalize_prompts
 from .objective import adapter_only_logits, customized_logits
-from .products import body_linears, entered, LinearForwards, small_products
+from .products import LinearForwards, small_products
 
 POLICIES = ("customized", "base", "adapter")
 
@@ -186,7 +186,7 @@ class _FastEngine(_Engine):
         linear = self.products or F.linear
         if self.products is not None:
             self.products.prepare(2 * self.B, self.B)  # the steps' rows and the mixed head's
-            self.context = LinearForwards(body_linears(self.inner), self.products)
+            self.context = LinearForwards(self.products.modules, self.products)
         if peft and self.branches == ("base",):
             self._stack.enter_context(model.disable_adapter())
         elif peft:
@@ -197,7 +197,9 @@ class _FastEngine(_Engine):
                 # without its per-call bookkeeping, which costs ~4% of a batch-1 step on a fast CPU
                 # (bench/NOTES.md); bit-equal to PEFT's forward
                 split = SplitRows(layers, self.B if self.two else 0, adapter, linear)
-                self.context = split if self.products is None else entered(split, self.context)
+                # with the plain linears' forwards (LinearForwards), one context swaps both sets
+                self.context = split if self.products is None else ReplacedForwards(
+                    split.forwards + self.context.forwards)
             elif self.two:  # PEFT's own mixed-adapter batch (_fast_supported refused "reference")
                 self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
         self.mixed_head = self._mixed_head() if self.two and policy == "customized" else None

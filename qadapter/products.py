@@ -21,7 +21,6 @@ bit-equal to PEFT's forward. ``QADAPTER_SMALL_PRODUCTS`` overrides the choice: `
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -75,6 +74,7 @@ class SmallProducts:
     def __init__(self, weights, mode: str = "auto", timer=time.perf_counter):
         self.weights, self.mode, self.timer = list(weights), mode, timer
         self.threads = torch.get_num_threads()  # what the measurements hold for
+        self.modules: list[torch.nn.Linear] = []  # set by small_products: the modules of ``weights``
         self.choice: dict[int, bool] = {}
         self.timings: dict[int, tuple[float, float]] = {}  # bucket: (x·Wᵀ, W·xᵀ) seconds per sweep
 
@@ -150,6 +150,7 @@ def small_products(model) -> SmallProducts | None:
             or products.weights[0][0] is not linears[0].weight):
         products = SmallProducts([(m.weight, m.bias) for m in linears], chosen)
         _CACHE[model] = products
+    products.modules = linears  # the modules the decoder swaps (LinearForwards), as found now
     return products
 
 
@@ -168,21 +169,3 @@ class LinearForwards(ReplacedForwards):
             return product(x, weight, bias)
 
         return forward
-
-
-class entered:  # noqa: N801 (used like contextlib's lower-case helpers)
-    """Several re-enterable contexts entered as one, re-enterable itself (the fast engine enters its
-    contexts around every forward)."""
-
-    def __init__(self, *contexts):
-        self.contexts, self.stacks = contexts, []
-
-    def __enter__(self):
-        stack = contextlib.ExitStack()
-        for context in self.contexts:
-            stack.enter_context(context)
-        self.stacks.append(stack)
-        return self
-
-    def __exit__(self, *exc):
-        return self.stacks.pop().__exit__(*exc)
