@@ -9,6 +9,7 @@ from datasets import Dataset, DatasetDict
 
 from qadapter.data import (
     PreferenceDataError,
+    flip_labels,
     load_embedded_pairs,
     load_preference_pairs,
     select_pairs,
@@ -258,6 +259,26 @@ def test_split_is_deterministic_and_int_size_counts_pairs():
         split_by_prompt(ds, eval_size=len(ds))
     subset = select_pairs(ds, 5, seed=0)
     assert len(subset) == 5 and subset["row"] == select_pairs(ds, 5, seed=0)["row"]
+
+
+def test_flip_labels_swaps_a_seeded_fraction_of_texts_and_ids_together():
+    ds = Dataset.from_dict({"prompt": [f"p{i}" for i in range(20)], "chosen": [f"c{i}" for i in range(20)],
+                            "rejected": [f"r{i}" for i in range(20)],
+                            "chosen_input_ids": [[i, 1] for i in range(20)], "rejected_input_ids": [[i, 2] for i in range(20)],
+                            "row": list(range(20))})
+    noisy, flipped = flip_labels(ds, 0.2, seed=5)
+    assert len(flipped) == 4 and flipped == flip_labels(ds, 0.2, seed=5)[1] != flip_labels(ds, 0.2, seed=6)[1]
+    assert noisy.column_names == ds.column_names
+    for i in range(20):
+        swapped = i in flipped
+        assert noisy[i]["chosen"] == (f"r{i}" if swapped else f"c{i}")
+        assert noisy[i]["rejected"] == (f"c{i}" if swapped else f"r{i}")
+        assert noisy[i]["chosen_input_ids"] == [i, 2 if swapped else 1]
+        assert noisy[i]["rejected_input_ids"] == [i, 1 if swapped else 2]
+        assert noisy[i]["prompt"] == f"p{i}" and noisy[i]["row"] == i
+    assert flip_labels(ds, 0.0)[1] == [] and len(flip_labels(ds, 1.0)[1]) == 20
+    with pytest.raises(ValueError, match="fraction"):
+        flip_labels(ds, 1.5)
 
 
 # ---------------------------------------------------------------------------------------------

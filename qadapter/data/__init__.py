@@ -14,7 +14,7 @@ from .formats import (
     load_embedded_pairs,
     load_preference_pairs,
 )
-from .split import distinct_prompts, select_pairs, split_by_prompt
+from .split import distinct_prompts, flip_labels, select_pairs, split_by_prompt
 from .tokenization import TokenizeReport, tokenize_pair, tokenize_pairs
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "PreferenceDataError",
     "TokenizeReport",
     "distinct_prompts",
+    "flip_labels",
     "load_embedded_pairs",
     "load_preference_pairs",
     "select_pairs",

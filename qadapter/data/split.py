@@ -90,3 +90,26 @@ def select_pairs(dataset: Dataset, n: int | None, *, seed: int = 0) -> Dataset:
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), n)))
+
+
+def flip_labels(dataset: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, list[int]]:
+    """Noisy preferences: swap chosen and rejected on a seeded ``round(fraction * len)`` of the pairs.
+
+    Every column pair named ``chosen*`` / ``rejected*`` (texts and token ids alike) is swapped, so a
+    tokenized dataset stays consistent. Returns the new dataset and the flipped row positions (sorted).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise must be a fraction in [0, 1], got {fraction}")
+    n = round(fraction * len(dataset))
+    flipped = sorted(random.Random(seed).sample(range(len(dataset)), n))
+    if not flipped:
+        return dataset, flipped
+    chosen = [c for c in dataset.column_names if c.startswith("chosen")]
+    pairs = [(c, "rejected" + c[len("chosen"):]) for c in chosen if "rejected" + c[len("chosen"):] in dataset.column_names]
+    to_flip = set(flipped)
+
+    def swap(row, i):
+        flip = i in to_flip
+        return {k: row[v if flip else k] for c, r in pairs for k, v in ((c, r), (r, c))}
+
+    return dataset.map(swap, with_indices=True, load_from_cache_file=False, desc="flipping labels"), flipped

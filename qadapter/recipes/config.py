@@ -59,6 +59,8 @@ class JobArguments:
     eval_pairs: float = field(default=100, metadata={"help": "Held-out pairs (an int) or fraction (< 1), split by prompt."})
     train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs (seeded choice)."})
     train_eval_pairs: int = field(default=100, metadata={"help": "Training pairs on which accuracy is also measured."})
+    label_noise: float = field(default=0.0, metadata={"help": "Noisy preferences: swap chosen and rejected on this fraction of "
+                               "the training pairs (seeded by --seed; held-out pairs stay clean), e.g. 0.2."})
     drop_longer_than: int | None = field(default=None, metadata={"help": "Drop (and count) pairs whose prompt + longer response exceeds this many tokens, instead of truncating them."})
     max_train_minutes: float | None = field(default=None, metadata={"help": "Stop training after this many minutes (the adapter is still saved and measured)."})
     skip_invalid: bool = field(default=False, metadata={"help": "Skip invalid rows (counted and reported) instead of stopping at the first."})
@@ -151,6 +153,8 @@ def check_job(job, config) -> None:
     for name, value in (("eval_pairs", job.eval_pairs), ("train_eval_pairs", job.train_eval_pairs)):
         if value is not None and value < 0:
             raise UserError(f"--{name} must be ≥ 0, got {value}")
+    if not 0.0 <= job.label_noise <= 1.0:
+        raise UserError(f"--label_noise must be a fraction in [0, 1] of the training pairs, got {job.label_noise}")
     from ..integrity import resolve_resume, verify_checkpoint
 
     resume = config.resume_from_checkpoint

@@ -108,7 +108,7 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     and the customized policy on training and held-out pairs.
     """
 
-    from ..data import (distinct_prompts, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
+    from ..data import (distinct_prompts, flip_labels, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
                        tokenize_pairs)
     from ..trainer import QAdapterTrainer
 
@@ -144,6 +144,11 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     train_ids, eval_ids, split_info = split_by_prompt(pairs, eval_size=eval_size, seed=config.seed)
     if job.train_pairs:
         train_ids = select_pairs(train_ids, job.train_pairs, seed=config.seed)
+    if job.label_noise:
+        train_ids, flipped = flip_labels(train_ids, job.label_noise, seed=config.seed)
+        split_info = {**split_info, "label_noise": job.label_noise, "n_flipped": len(flipped)}
+        log(f"label noise: swapped chosen and rejected on {len(flipped)} of {len(train_ids)} training pairs "
+            f"(seed {config.seed}); held-out pairs are clean")
     log(f"split by prompt (seed {config.seed}): {len(train_ids)} training pairs, {len(eval_ids)} held-out pairs "
         f"({split_info['n_train_prompts']} / {split_info['n_eval_prompts']} prompts)")
 

@@ -21,7 +21,7 @@ TRAINING_CONFIG_FIELDS = ("seed", "learning_rate", "lr_scheduler_type", "warmup_
                           "reference_compat", "parameterization", "value_pairing", "bf16", "fp16")
 
 
-TRAINING_JOB_FIELDS = ("model", "on", "data", "eval_pairs", "train_pairs", "drop_longer_than", "max_train_minutes",
+TRAINING_JOB_FIELDS = ("model", "on", "data", "eval_pairs", "train_pairs", "label_noise", "drop_longer_than", "max_train_minutes",
                        "skip_invalid", "allow_empty_response", "dpo_beta", "kl_weight")
 
 
