@@ -8,8 +8,8 @@ on the same prompts, with the same number of new tokens (min_new_tokens = max_ne
 same process, at batch sizes 1 and 8, for the residual Q̂ at two decode-time strengths: s = 1 (the
 trained policy: at the tied α's the fast engine runs the adapter branch alone, docs/generation.md)
 and s = 0.5 (both branches in one forward; ``--strengths`` changes the list, ``--alpha-0`` measures
-the full parameterization at that α0 instead), on the embedded default model (SmolLM2-135M-Instruct, fp32) on
-CPU, and on CUDA when available. The adapter has random non-zero lora_B (seeded), so the adapter
+the full parameterization at that α0 instead), on the embedded default model (SmolLM2-135M-Instruct, fp32;
+``--model gemma3-270m``: Gemma 3 270M, docs/models.md) on CPU, and on CUDA when available. The adapter has random non-zero lora_B (seeded), so the adapter
 branch really differs. Runs are interleaved (a, b, c, a, b, c, ...) after a warm-up, and the median
 of the repeats is reported. The last line is
 
@@ -21,7 +21,7 @@ The reference engine is run once per configuration, to check that its tokens equ
 engine's; ``--time-reference`` times it too. On the CPU the two-branch engine times the two operand
 orders of its few-row products and keeps the faster (qadapter.products; the bench prints what it
 measured); ``QADAPTER_SMALL_PRODUCTS=linear python bench/decode.py`` measures it without that.
-Usage: python bench/decode.py [--new-tokens 64] [--repeats 5]
+Usage: python bench/decode.py [--new-tokens 64] [--repeats 5] [--model gemma3-270m]
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha-tilde", type=float, default=1.0, dest="alpha_tilde",
                         help="α̃ with --alpha-0 (default 1)")
     parser.add_argument("--time-reference", action="store_true", help="also time the two-forward reference engine")
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    parser.add_argument("--model", default=None,
+                        help="model folder or embedded model name, e.g. gemma3-270m (default: the embedded default model)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
     parser.add_argument("--lora-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -171,9 +172,9 @@ def main(argv=None) -> int:
         configurations = [dict(parameterization="residual", q_scale=1.0, alpha_0=1 / s, alpha_tilde=1 / s)
                           for s in args.strengths]
 
-    from qadapter.embedded import default_model_path
+    from qadapter.embedded import resolve_model_path
 
-    path = args.model or str(default_model_path())
+    path = resolve_model_path(args.model)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     import os
 

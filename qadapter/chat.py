@@ -8,9 +8,65 @@ generation, scoring, the evaluators, the server).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat rendering for a model that has no chat template of its own (a pretrained model), as a
+    Jinja chat template, and the token that ends an assistant turn in it (None: the tokenizer's
+    end-of-sequence token)."""
+
+    template: str
+    end_of_turn: str | None = None
+
+
+#: Chat renderings :func:`set_chat_format` writes into a tokenizer without a chat template.
+#: ``gemma``: Gemma's own turn format (``<start_of_turn>``/``<end_of_turn>`` are single special tokens
+#: of its vocabulary; a system message opens the first user turn, as Gemma's instruct template does;
+#: the assistant's role is ``model``). ``plain``: ``Role: content`` lines (the fallback
+#: :func:`render_messages` uses for any tokenizer without a template), an assistant turn ended by
+#: the end-of-sequence token. Both start with the BOS token. Why Gemma 3 270M uses ``gemma``:
+#: docs/models.md, "Chat rendering".
+CHAT_FORMATS = {
+    "gemma": ChatFormat(
+        template=("{{ bos_token }}"
+                  "{% set system = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' %}"
+                  "{% for m in messages if m['role'] != 'system' %}"
+                  "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                  "{{ system if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+                  "{% endfor %}"
+                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+        end_of_turn="<end_of_turn>"),
+    "plain": ChatFormat(
+        template=("{{ bos_token }}"
+                  "{% for m in messages %}{{ '\n' if not loop.first else '' }}{{ m['role'] | capitalize }}: "
+                  "{{ m['content'] | trim }}{{ eos_token if m['role'] == 'assistant' else '' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '\\n' }}Assistant:{% endif %}")),
+}
+
+
+def set_chat_format(tokenizer, name: str, generation_config=None) -> None:
+    """Give ``tokenizer`` the chat rendering ``CHAT_FORMATS[name]``: its template, and its
+    end-of-turn token as ``tokenizer.eos_token`` (what the pair tokenizer ends a response with)
+    and among ``generation_config.eos_token_id`` (where decoding stops), beside the model's own."""
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {name!r}: choose one of {', '.join(CHAT_FORMATS)}")
+    chat_format = CHAT_FORMATS[name]
+    tokenizer.chat_template = chat_format.template
+    if chat_format.end_of_turn is None:
+        return
+    end = tokenizer.convert_tokens_to_ids(chat_format.end_of_turn)
+    if end is None or end == tokenizer.unk_token_id:
+        raise ValueError(f"chat format {name!r}: the vocabulary has no {chat_format.end_of_turn} token")
+    tokenizer.eos_token = chat_format.end_of_turn
+    if generation_config is not None:
+        ids = generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        generation_config.eos_token_id = ids + [end] if end not in ids else ids
 
 
 def as_messages(prompt: Any) -> list[dict[str, str]]:
@@ -58,19 +114,36 @@ def render_messages(tokenizer, messages) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\nAssistant:"
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """The BOS id when ``tokenizer`` starts a text with it by default (Gemma's ``<bos>``, without
+    which Gemma's predictions fall apart), else nothing (SmolLM2's tokenizer adds none): what a
+    sequence of raw text begins with, as ``tokenizer(text)``, vLLM and lm-eval (for Gemma) begin it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    probe = tokenizer("a")["input_ids"]
+    return [bos] if probe and probe[0] == bos else []
+
+
+def raw_text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of raw text (no chat template) at the start of a sequence: :func:`bos_prefix`, then
+    the text tokenized without special tokens."""
+    return bos_prefix(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_prompt(tokenizer, prompt, raw_text: bool = False) -> list[int]:
     """Token ids of one prompt.
 
     Token ids are used as they are; a list of message dicts is rendered with the chat template and
-    the generation prompt; a string is one user turn (with ``raw_text=True``: text tokenized as is,
-    without special tokens; with a tokenizer that has no chat template: plain text, with the
+    the generation prompt; a string is one user turn (with ``raw_text=True``: raw text,
+    :func:`raw_text_ids`; with a tokenizer that has no chat template: plain text, with the
     tokenizer's usual special tokens, e.g. BOS).
     """
     if is_ids(prompt):
         return [int(t) for t in prompt]
     if isinstance(prompt, str):
         if raw_text:
-            return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            return raw_text_ids(tokenizer, prompt)
         if not getattr(tokenizer, "chat_template", None):
             return list(tokenizer(prompt)["input_ids"])
         prompt = as_messages(prompt)

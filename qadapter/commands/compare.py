@@ -54,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the comparison folder: one subfolder per method, eval/ (cached results), results.md, "
                              "results.csv, tradeoff.png. Rerunning reuses what is there.")
     parser.add_argument("--data", default=None, metavar="FILE", help="preference pairs (default: the embedded HH-RLHF harmless pairs)")
-    parser.add_argument("--model", default=None, metavar="M", help="base model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, metavar="M", help="base model folder, hub id or embedded model (default: the embedded SmolLM2-135M-Instruct; also gemma3-270m)")
     parser.add_argument("--preset", default=None, help="qadapter train preset (default, long, paper)")
     settings = "; ".join(f"{m}: {', '.join(params)}" for m, params in METHOD_REGISTRY.items())
     parser.add_argument("--methods", nargs="+", default=[",".join(METHODS)], metavar="SPEC",

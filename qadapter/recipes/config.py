@@ -50,7 +50,7 @@ class JobArguments:
 
     method: str = field(default="qadapter", metadata={"help": "qadapter, or a baseline in the same harness: sft, replay, "
                                                              "dpo, sft_kl (SFT + a KL penalty toward the base)."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Local model folder, hub id or embedded model (default: the embedded SmolLM2-135M-Instruct; also gemma3-270m, docs/models.md)."})
     data: str | None = field(default=None, metadata={"help": "Preference pairs: a .json/.jsonl/.parquet file (default: the embedded HH-RLHF harmless pairs)."})
     on: str | None = field(default=None, metadata={"help": "Train on top of this earlier adapter or stack folder: its "
                            "customized policy (the base with its LoRAs merged in, frozen) is the new π1, and the result "
@@ -133,7 +133,7 @@ def check_job(job, config) -> None:
     import os
     from pathlib import Path
 
-    from ..embedded import DEFAULT_MODEL_ALIASES
+    from ..embedded import check_available, embedded_model
     from ..integrity import check_no_remote_code
     from ..trainer.baselines import BASELINES
 
@@ -142,7 +142,13 @@ def check_job(job, config) -> None:
     if job.data is not None and not Path(job.data).is_file():
         raise UserError(f"--data {job.data}: no such file")
     model = job.model
-    if model not in DEFAULT_MODEL_ALIASES:
+    entry = embedded_model(model)
+    if entry is not None:
+        try:
+            check_available(entry)
+        except RuntimeError as e:
+            raise UserError(f"--model {model}: {e}") from None
+    else:
         path = Path(os.path.expanduser(model))
         looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
         if path.exists() and not (path / "config.json").is_file():
