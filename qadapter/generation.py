@@ -405,7 +405,7 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
         policy: ``"customized"`` (π̃), ``"base"`` (π1, adapter disabled) or ``"adapter"`` (softmax Q̂).
         eos_token_id: end-of-turn id(s); default: the generation config's and the tokenizer's.
             ``[]`` disables stopping at an end-of-turn token.
-        raw_text: strings are raw text, tokenized as is (no chat template, no special tokens), as
+        raw_text: strings are raw text (no chat template; :func:`qadapter.chat.raw_text_ids`), as
             :mod:`qadapter.evaluation`'s policy interface defines them.
         engine_factory: ``engine_factory(batch_size)`` returns the engine that computes the
             next-token logits (``prefill`` / ``step`` / ``close``, as the engines below) instead of

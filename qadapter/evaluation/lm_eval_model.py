@@ -12,7 +12,8 @@ Model args (``--model_args``):
 * ``base_model`` — the base to load an adapter onto (default: the one recorded in the adapter);
 * ``view`` — ``customized`` (default) or ``base`` (the adapter disabled: π1 from the same folder);
 * ``alpha_0``, ``alpha_tilde`` — Q-Adapter decoding temperatures (default: the saved ones);
-* ``batch_size``, ``max_length``, ``max_gen_toks``, ``device``, ``dtype``, ``add_bos_token``.
+* ``batch_size``, ``max_length``, ``max_gen_toks``, ``device``, ``dtype``, ``add_bos_token`` (default: whether
+  the tokenizer starts a text with BOS, :func:`qadapter.chat.bos_prefix`).
 
 From the shell: ``qadapter-lm-eval --model qadapter --model_args pretrained=runs/qa --tasks mmlu``
 (:func:`cli_main`: registers the model, then runs lm-eval's own CLI with the same arguments).
@@ -32,6 +33,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from ..chat import bos_prefix
 from .policy import base_policy, load_policy
 from .scoring import continuation_logprobs, generate_texts
 
@@ -72,7 +74,7 @@ class QAdapterLM(TemplateLM):
                  view: str = "customized", alpha_0: float | None = None, alpha_tilde: float | None = None,
                  batch_size: int | str | None = 8, max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = 256, device: str | None = None, dtype: str | None = None,
-                 add_bos_token: bool = False, strengths: str | None = None, **kwargs: Any):
+                 add_bos_token: bool | None = None, strengths: str | None = None, **kwargs: Any):
         super().__init__()
         if kwargs:
             log.warning("qadapter: ignoring unsupported model args %s", sorted(kwargs))
@@ -92,7 +94,8 @@ class QAdapterLM(TemplateLM):
         self._device = policy.device
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
+        # default: as the tokenizer does (Gemma's adds a BOS, which its predictions need; SmolLM2's none)
+        self.add_bos_token = bool(bos_prefix(self.tokenizer)) if add_bos_token is None else bool(add_bos_token)
         self._max_length = int(max_length) if max_length else None
         self.pretrained = pretrained
 

@@ -10,7 +10,8 @@ A *policy* is anything with
   continuation per prompt, the new text only (special tokens skipped). Prompts follow
   :func:`qadapter.generation.generate`: a list of ``{"role", "content"}`` messages is rendered with
   the chat template and the generation prompt; a ``str`` is one user turn, or with ``raw_text=True``
-  raw text tokenized as is (no chat template, no special tokens); a list of ints is token ids.
+  raw text (no chat template; only the BOS a tokenizer like Gemma's starts every text with,
+  :func:`qadapter.chat.raw_text_ids`); a list of ints is token ids.
 
 :class:`qadapter.modeling.QAdapter` is one (π̃ of eq. (1)); :class:`HFPolicy` wraps any plain causal LM
 (SFT, DPO, a PEFT model, the base model itself). Every evaluator in :mod:`qadapter.evaluation` only

@@ -163,7 +163,7 @@ def generate_texts(policy, prompts: Sequence[Any], *, max_new_tokens: int = 256,
     """``policy.generate`` over ``prompts`` in batches of similar length (greedy unless
     ``do_sample=True`` is passed), each answer cut before its first stop string; order preserved.
 
-    A ``str`` prompt is raw text (``raw_text=True``: no chat template, no special tokens added); a
+    A ``str`` prompt is raw text (``raw_text=True``: no chat template, :func:`qadapter.chat.raw_text_ids`); a
     message list is rendered with the chat template and the generation prompt."""
     prompts = list(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(str(prompts[i])))

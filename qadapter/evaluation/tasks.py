@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .benchmarks import MCItem, load_arc, load_bbh, load_bbh_cot_prompt, load_gsm8k, load_mmlu, bbh_tasks
-from ..chat import as_messages, render_chat
+from ..chat import as_messages, bos_prefix, render_chat
 from .policy import encode
 from .scoring import continuation_logprobs, generate_texts
 from .stats import EvalResult, make_metric, subsample
@@ -30,16 +30,17 @@ def _chat_or_raw(text: str, chat: bool):
 
 
 # --------------------------------------------------------------------------- multiple choice
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def _encode_pair(tokenizer, context: str, continuation: str, prefix: Sequence[int] = ()) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing spaces of the context move to the continuation, the whole string is
-    encoded once and the continuation is what follows the context's tokens."""
+    encoded once and the continuation is what follows the context's tokens. ``prefix`` (the BOS of
+    a raw context, :func:`~qadapter.chat.bos_prefix`) goes before the context's tokens."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     whole = encode(tokenizer, context + continuation)
     ctx = encode(tokenizer, context)
-    return ctx, whole[len(ctx):]
+    return list(prefix) + ctx, whole[len(ctx):]
 
 
 def multiple_choice_accuracy(policy, items: Sequence[MCItem], *, task: str = "multiple_choice", chat: bool = False,
@@ -54,10 +55,11 @@ def multiple_choice_accuracy(policy, items: Sequence[MCItem], *, task: str = "mu
     """
     tok = policy.tokenizer
     requests, owners = [], []
+    prefix = [] if chat else bos_prefix(tok)  # a rendered chat context carries its own BOS
     for i, item in enumerate(items):
         context = render_chat(tok, as_messages(item.context), add_generation_prompt=True) if chat else item.context
         for continuation in item.continuations:
-            requests.append(_encode_pair(tok, context, continuation))
+            requests.append(_encode_pair(tok, context, continuation, prefix))
             owners.append(i)
     scores = continuation_logprobs(policy, requests, batch_size=batch_size, max_length=max_length,
                                    progress=progress, desc=task)
