@@ -34,7 +34,7 @@ class ChatFormat:
 CHAT_FORMATS = {
     "gemma": ChatFormat(
         template=("{{ bos_token }}"
-                  "{% set system = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' %}"
+                  "{% set system = messages[0]['content'] + '\\n\\n' if messages and messages[0]['role'] == 'system' else '' %}"
                   "{% for m in messages if m['role'] != 'system' %}"
                   "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
                   "{{ system if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
@@ -43,7 +43,7 @@ CHAT_FORMATS = {
         end_of_turn="<end_of_turn>"),
     "plain": ChatFormat(
         template=("{{ bos_token }}"
-                  "{% for m in messages %}{{ '\n' if not loop.first else '' }}{{ m['role'] | capitalize }}: "
+                  "{% for m in messages %}{{ '\\n' if not loop.first else '' }}{{ m['role'] | capitalize }}: "
                   "{{ m['content'] | trim }}{{ eos_token if m['role'] == 'assistant' else '' }}{% endfor %}"
                   "{% if add_generation_prompt %}{{ '\\n' }}Assistant:{% endif %}")),
 }
