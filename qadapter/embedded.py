@@ -92,8 +92,8 @@ def _distribution(entry: EmbeddedModel):
         return importlib.metadata.distribution(entry.packages[0])
     except importlib.metadata.PackageNotFoundError:
         raise RuntimeError(
-            f"the embedded model {entry.name} needs the '{entry.packages[0]}' package: {entry.install}"
-            + (f" (its weights are under {entry.terms})" if entry.gguf == "assemble" else "")) from None
+            f"the embedded model {entry.name} needs the '{entry.packages[0]}' package: {entry.install} "
+            f"(its weights are under {entry.terms})") from None
 
 
 def check_available(entry: EmbeddedModel) -> None:
@@ -104,12 +104,15 @@ def check_available(entry: EmbeddedModel) -> None:
 
 def gguf_path(entry: EmbeddedModel | None = None, workdir: Path | None = None) -> Path:
     """The GGUF file of ``entry`` (default: the default model): found inside its installed
-    distribution (``gguf="file"``), or assembled by its package into ``workdir``."""
+    distribution (``gguf="file"``), or assembled by its package into ``workdir`` (``"assemble"``:
+    the package checks the file's SHA-256)."""
     entry = entry or EMBEDDED_MODELS[0]
     dist = _distribution(entry)
     if entry.gguf == "assemble":
+        if workdir is None:
+            raise ValueError(f"assembling {entry.name}'s GGUF file needs a workdir to write it to")
         assemble = importlib.import_module(entry.assembler).assemble
-        return Path(assemble(Path(workdir or tempfile.mkdtemp()) / f"{entry.name}{_GGUF_SUFFIX}"))
+        return Path(assemble(Path(workdir) / f"{entry.name}{_GGUF_SUFFIX}"))
     for file in dist.files or []:
         if str(file).endswith(_GGUF_SUFFIX):
             return Path(dist.locate_file(file))
@@ -126,17 +129,13 @@ def model_path(entry: EmbeddedModel) -> Path:
     target = converted_folder(entry)
     if (target / "config.json").is_file():
         return target
-    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}-gguf-", dir=_made(cache_dir())))
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}-gguf-", dir=cache_dir()))  # an assembled GGUF file, deleted after
     try:
         _convert(entry, gguf_path(entry, work), target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
-
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _convert(entry: EmbeddedModel, source: Path, target: Path) -> None:
