@@ -29,7 +29,7 @@ class ChatFormat:
 #: of its vocabulary; a system message opens the first user turn, as Gemma's instruct template does;
 #: the assistant's role is ``model``). ``plain``: ``Role: content`` lines (the fallback
 #: :func:`render_messages` uses for any tokenizer without a template), an assistant turn ended by
-#: the end-of-sequence token. Both start with the BOS token. Why Gemma 3 270M uses ``gemma``:
+#: the end-of-sequence token. Both start with the BOS token. Why Gemma 3 270M uses ``plain``:
 #: docs/models.md, "Chat rendering".
 CHAT_FORMATS = {
     "gemma": ChatFormat(
