@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import pad_token_id
-from .stack import PEFT_CONFIG, QAdapterStack, _load_base, read_stack
+from .loading import load_base, read_folder
+from .stack import PEFT_CONFIG, QAdapterStack
 
 EXPORT_INFO = "qadapter_export.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -134,10 +135,7 @@ def exact_export(source, to, strengths: Sequence[float] | None = None) -> dict:
     ValueError where it is not (some strength ≠ 1)."""
     from .io import save_atomically
 
-    spec = read_stack(source)
-    strengths = list(strengths) if strengths is not None else spec.strengths
-    if len(strengths) != len(spec.folders):
-        raise ValueError(f"{len(strengths)} strengths for {len(spec.folders)} adapters")
+    spec, strengths = read_folder(source, strengths, "strength")
     if not _is_one(strengths):
         raise ValueError(f"strengths {strengths}: not an exact case (every strength must be 1)")
 
@@ -252,7 +250,7 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
     # the student: the strength-1 export (an exact one-LoRA network) on its own copy of the base
     init_dir = Path(to).with_name(Path(to).name + ".init")
     exact_export(source, init_dir, [1.0] * len(teacher))
-    student_base, _ = _load_base(read_stack(source), student_base, tok, next(teacher.model.parameters()).dtype)
+    student_base, _ = load_base(read_folder(source)[0], student_base, tok, next(teacher.model.parameters()).dtype)
     student = PeftModel.from_pretrained(student_base.to(teacher.device), str(init_dir), is_trainable=True)
 
     def held_kl():
@@ -287,7 +285,7 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _write_settings(tmp, read_stack(source))
+        _write_settings(tmp, read_folder(source)[0])
 
     save_atomically(to, write)
     shutil.rmtree(init_dir, ignore_errors=True)
@@ -307,16 +305,11 @@ def distill(source, to, *, strengths: Sequence[float], data, base_model=None, st
     return report
 
 
-def export(source, to, *, strengths: Sequence[float] | float | None = None, data=None, base_model=None,
-           log=print, **distill_kwargs) -> dict:
+def export(source, to, *, strengths: Sequence[float] | float | str | None = None, data=None, base_model=None,
+           log=print, field: str = "strength", **distill_kwargs) -> dict:
     """Write ``source`` (a Q-Adapter, plain adapter or stack folder) as one plain PEFT LoRA folder at
     ``to``: exactly where the policy at ``strengths`` is one adapter model, else distilled (needs ``data``)."""
-    spec = read_stack(source)
-    if strengths is None:
-        strengths = spec.strengths
-    elif isinstance(strengths, (int, float)):
-        strengths = [float(strengths)] * len(spec.folders)
-    strengths = [float(s) for s in strengths]
+    _, strengths = read_folder(source, strengths, field)  # THE strength rule (qadapter.settings.strength_values)
     if _is_one(strengths):
         return exact_export(source, to, strengths)
     if data is None:

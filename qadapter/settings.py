@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,47 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import check_number
+from .errors import UserError, check_number
 from .objective import NORMALIZERS, PARAMETERIZATIONS, VALUE_PAIRINGS, customized_logits
 
 
 CONFIG_NAME = "qadapter_config.json"
+
+
+def strength_values(value, adapters: int, field: str = "strength") -> list[float] | None:
+    """THE strength rule, for a Q-Adapter (a stack of one) and a stack of ``adapters`` alike.
+
+    ``value``: None (the saved strengths: returns None), one number (every adapter at it), or one
+    number per adapter (a sequence, or a string ``"S1,S2,..."`` as the command line gives it); a
+    one-element sequence counts as one number. Any other count is a :class:`~qadapter.errors.UserError`
+    (a ValueError) naming ``field`` (the flag or request field the value came from) and both counts. Each strength must be a finite
+    number >= 0 (a single Q-Adapter further needs > 0: :meth:`QAdapterSettings.decoding_alphas`).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise UserError(f"{field}: {value!r} is not a number or a comma-separated list of numbers") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        values = [float(value)]
+    elif isinstance(value, (list, tuple)):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{field}: every strength must be a number, got {list(value)!r}")
+        values = [float(v) for v in value]
+    else:
+        raise UserError(f"{field} must be a number or a list of numbers, got {type(value).__name__}")
+    if len(values) == 1:
+        values = values * adapters
+    elif len(values) != adapters:
+        raise UserError(f"{field}: {len(values)} values for {adapters} adapter{'s' if adapters != 1 else ''}; give "
+                         f"one value (every adapter at it) or {adapters} (one per adapter, in order)")
+    for v in values:
+        if not (v >= 0 and math.isfinite(v)):
+            raise UserError(f"{field}: a strength must be a finite number >= 0, got {v}")
+    return values
 
 
 ADAPTER_NAME = "default"  # PEFT's default adapter name; "__base__" selects no adapter in mixed batches
@@ -78,6 +115,8 @@ class QAdapterSettings:
         π̃ ∝ π1 · exp(s · (zθ − z1)): s = 1 is the trained policy (the adapter model itself at
         the saved, tied α's), s → 0 the base model, s > 1 an amplified customization.
         """
+        if strength is not None and not isinstance(strength, (int, float)):  # [s]: a Q-Adapter is a stack of one
+            strength = strength_values(strength, 1)[0]
         if strength is not None:
             if alpha_0 is not None or alpha_tilde is not None:
                 raise ValueError("give either strength or alpha_0 / alpha_tilde, not both")

@@ -42,7 +42,7 @@ from .backbone import base_fingerprint, causal_lm_logits, fast_plan
 from .generation import _Engine, _new_cache, generate as _generate
 from .modeling import QAdapter
 from .io import save_atomically
-from .settings import CONFIG_NAME, QAdapterSettings
+from .settings import CONFIG_NAME, QAdapterSettings, strength_values
 
 STACK_CONFIG = "qadapter_stack.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -150,7 +150,7 @@ def _check_base(spec: StackSpec, base_model, where) -> None:
             "trained on.")
 
 
-def _load_base(spec: StackSpec, base_model, tokenizer, torch_dtype):
+def load_base(spec: StackSpec, base_model, tokenizer, torch_dtype):
     from transformers import AutoTokenizer
 
     from .embedded import load_model, load_tokenizer, resolve_model_path
@@ -246,9 +246,8 @@ class QAdapterStack:
                  base_model_revision: str | None = None, base_fingerprint: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.names, self.settings = list(names), list(settings)
-        self.strengths = [float(s) for s in strengths] if strengths is not None else [default_strength(s) for s in settings]
-        if len(self.strengths) != len(self.names):
-            raise ValueError(f"{len(self.strengths)} strengths for {len(self.names)} adapters")
+        self.strengths = (strength_values(strengths, len(self.names), "strengths")
+                          or [default_strength(s) for s in self.settings])
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
         self.base_fingerprint = base_fingerprint
@@ -270,7 +269,7 @@ class QAdapterStack:
         from peft import PeftModel
 
         spec = read_stack(path)
-        base_model, tokenizer = _load_base(spec, base_model, tokenizer, torch_dtype)
+        base_model, tokenizer = load_base(spec, base_model, tokenizer, torch_dtype)
         _check_base(spec, base_model, path)
         names = [f"stack_{_adapter_name(g)}" for g in range(len(spec.folders))]
         model = PeftModel.from_pretrained(base_model, str(spec.folders[0]), adapter_name=names[0])
@@ -323,18 +322,9 @@ class QAdapterStack:
         finally:
             self._activate(len(self.names))
 
-    def _strengths(self, strengths) -> list[float]:
-        if strengths is None:
-            return self.strengths
-        if isinstance(strengths, (int, float)):
-            strengths = [float(strengths)] * len(self.names)
-        strengths = [float(s) for s in strengths]
-        if len(strengths) != len(self.names):
-            raise ValueError(f"{len(strengths)} strengths for a stack of {len(self.names)} adapters")
-        for s in strengths:
-            if not (s >= 0 and math.isfinite(s)):
-                raise ValueError(f"a strength must be a finite number >= 0, got {s}")
-        return strengths
+    def _strengths(self, strengths, field: str = "strengths") -> list[float]:
+        """The strengths to decode at: THE strength rule (:func:`qadapter.settings.strength_values`)."""
+        return strength_values(strengths, len(self.names), field) or self.strengths
 
     def branch_logits(self, input_ids, attention_mask=None, positions=None) -> list[torch.Tensor]:
         """[z_0, ..., z_k], each (B, T, V) float32: k+1 passes of one network."""
@@ -362,13 +352,20 @@ class QAdapterStack:
     _score_ids = QAdapter._score_ids
 
     @torch.no_grad()
-    def generate(self, prompts, *, strengths=None, fast: bool = True, policy: str = "customized", **kwargs):
+    def generate(self, prompts, *, strength=None, strengths=None, fast: bool = True, policy: str = "customized",
+                 **kwargs):
         """Generate from the stacked policy (the arguments of :func:`qadapter.generation.generate`, plus
-        ``strengths``). ``fast``: one forward per token for all k+1 branches (:class:`StackFastEngine`)."""
-        strengths = self._strengths(strengths)
-        for key in ("alpha_0", "alpha_tilde", "strength", "parameterization", "q_scale"):
+        ``strength``: one number for every adapter or one per adapter, THE strength rule of
+        :func:`qadapter.settings.strength_values`; ``strengths`` is the same argument under its older
+        name). ``fast``: one forward per token for all k+1 branches (:class:`StackFastEngine`)."""
+        if strength is not None and strengths is not None:
+            raise ValueError("give strength or strengths (the same rule), not both")
+        strengths = self._strengths(strengths if strength is None else strength,
+                                    "strength" if strength is not None else "strengths")
+        for key in ("alpha_0", "alpha_tilde", "parameterization", "q_scale"):
             if kwargs.pop(key, None) is not None:
-                raise ValueError(f"{key} does not apply to a stack: give strengths=[s_1, ..., s_k]")
+                raise ValueError(f"{key} does not apply to a stack: give strength=s (every adapter) or "
+                                 "strength=[s_1, ..., s_k]")
         use_fast = fast and _stack_plan(self) is not None
 
         def engine(batch_size: int):

@@ -70,7 +70,8 @@ def test_model_card_says_stack(client, server):
 
 @pytest.mark.parametrize("extra, strengths", [({}, None), ({"strength": 0.5}, [0.5, 0.5]),
                                               ({"strengths": [1.0, 2.0]}, [1.0, 2.0]),
-                                              ({"strengths": [0.0, 1.0]}, [0.0, 1.0])])
+                                              ({"strengths": [0.0, 1.0]}, [0.0, 1.0]),
+                                              ({"strength": [1.0, 2.0]}, [1.0, 2.0]), ({"strength": [0.5]}, [0.5, 0.5])])
 def test_greedy_stack_answer_equals_qadapter_stack_generate(client, stack, extra, strengths):
     want = stack.generate([USER], strengths=strengths, max_new_tokens=20)[0]
     r = client.chat.completions.create(model="two", messages=USER, max_tokens=20, temperature=0,
@@ -111,7 +112,8 @@ def test_stack_rows_share_a_batch_with_other_models_and_keep_their_answers(serve
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"strengths": [1.0]}, "strengths", "2 numbers"),
+    ({"strengths": [1.0, 1.0, 1.0]}, "strengths", "3 values for 2 adapters"),
+    ({"strength": [1.0, 1.0, 1.0]}, "strength", "3 values for 2 adapters"),
     ({"strengths": "1,1"}, "strengths", "array"),
     ({"strengths": [1.0, -1.0]}, "strengths[1]", ">= 0"),
     ({"strengths": [1.0, float("nan")]}, "strengths[1]", "finite"),

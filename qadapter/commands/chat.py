@@ -51,7 +51,7 @@ def run(args, stdin=None, stdout=None) -> int:
         for policy in policies:
             history = histories[policy]
             history.append({"role": "user", "content": text})
-            print(f"[{label(kwargs, policy)}] " if len(policies) > 1 else "assistant> ", end="", file=stdout, flush=True)
+            print(f"[{label(qa, policy)}] " if len(policies) > 1 else "assistant> ", end="", file=stdout, flush=True)
             # through the adapter's own generate: it knows how Q̂ is parameterized (residual or full)
             answer = qa.generate([history], policy=policy, streamer=streamer, **kwargs)[0]
             history.append({"role": "assistant", "content": answer.strip()})

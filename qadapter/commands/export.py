@@ -35,11 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..export import export
 
-    strengths = None
-    if args.strength is not None:
-        values = [float(x) for x in args.strength.split(",")]
-        strengths = values[0] if len(values) == 1 else values
-    report = export(args.source, args.to, strengths=strengths, data=args.data, base_model=args.base_model,
+    # one value for every adapter or one per adapter: THE strength rule (qadapter.settings.strength_values)
+    report = export(args.source, args.to, strengths=args.strength, data=args.data, base_model=args.base_model,
+                    field="--strength",
                     **({} if args.data is None else dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                                          samples_per_prompt=args.samples_per_prompt,
                                                          max_new_tokens=args.max_new_tokens,

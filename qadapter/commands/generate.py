@@ -12,16 +12,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``generate`` and ``chat``: which adapter, and how to decode."""
     parser.add_argument("--adapter", required=True, metavar="DIR",
                         help="folder saved by qadapter: one Q-Adapter, or a stack (qadapter train --on ...)")
-    parser.add_argument("--strengths", default=None, metavar="S1,S2,...",
-                        help="a stack's per-adapter decoding strengths (default: the saved ones, 1 as trained)")
+    parser.add_argument("--strengths", default=None, metavar="S1,S2,...", help=argparse.SUPPRESS)  # old name of --strength
     parser.add_argument("--base-model", default=None, metavar="PATH",
                         help="base model folder or hub id (default: the one the adapter was trained on)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true", dest="trust_remote_code",
                         help="allow a base model that ships its own Python code to run it (off: such a model is refused)")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="decode-time strength s of a residual Q-Adapter: π̃ ∝ π1·exp(s·(zθ − z1)); 1 (default) is "
-                             "the trained policy, towards 0 the base model, above 1 an amplified customization")
+    parser.add_argument("--strength", default=None, metavar="S[,S2,...]",
+                        help="decode-time strength: π̃ ∝ π1·exp(s·(zθ − z1)); 1 (default) is the trained policy, towards 0 "
+                             "the base model, above 1 an amplified customization. On a stack: one value sets every "
+                             "adapter, S1,S2,... one per adapter (the count must match)")
     parser.add_argument("--alpha-0", type=float, default=None, dest="alpha_0",
                         help="α0 of eq. (1), the weight of log π1 (default: the adapter's setting)")
     parser.add_argument("--alpha-tilde", type=float, default=None, dest="alpha_tilde",
@@ -42,51 +42,51 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="also show the base model's answer, clearly labeled")
 
 
+def strength_arg(args):
+    """``--strength`` (or its older name ``--strengths``): the raw value for THE strength rule."""
+    strength, old = getattr(args, "strength", None), getattr(args, "strengths", None)
+    if strength is not None and old is not None:
+        raise SystemExit("qadapter: give --strength (one value, or one per adapter of a stack), not also --strengths")
+    return strength if strength is not None else old
+
+
 def load(args):
-    """The QAdapter named by ``args``, on ``args.device``."""
+    """The QAdapter or QAdapterStack named by ``args``, on ``args.device``, at the decoding settings
+    of ``--strength`` / ``--alpha-0`` / ``--alpha-tilde`` (one loader: :func:`qadapter.loading.load`)."""
     import torch
 
-    from pathlib import Path
+    from ..errors import UserError
+    from ..loading import load as load_folder
 
-    from ..modeling import QAdapter
-    from ..stack import STACK_CONFIG, QAdapterStack
-
-    if (Path(args.adapter) / STACK_CONFIG).is_file():
-        strengths = [float(x) for x in args.strengths.split(",")] if getattr(args, "strengths", None) else None
-        stack = QAdapterStack.from_pretrained(args.adapter, base_model=args.base_model, strengths=strengths)
-        stack.model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return stack
-    qa = QAdapter.from_pretrained(args.adapter, base_model=args.base_model,
-                                  trust_remote_code=getattr(args, "trust_remote_code", False))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    qa.model.to(device)
-    qa.model.eval()
-    return qa
+    field = "--strength" if getattr(args, "strength", None) is not None else "--strengths"
+    try:
+        loaded = load_folder(args.adapter, base_model=args.base_model,
+                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                             trust_remote_code=getattr(args, "trust_remote_code", False), strength=strength_arg(args),
+                             alpha_0=args.alpha_0, alpha_tilde=args.alpha_tilde, field=field,
+                             kinds=("stack", "qadapter"))
+    except UserError:
+        raise  # the CLI prints it (qadapter: error: ...)
+    except ValueError as e:
+        raise SystemExit(f"qadapter: {e}") from None
+    return loaded.policy
 
 
 def decoding_kwargs(args, qa) -> dict:
-    common = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  stop_strings=args.stop, fast=not args.reference)
-    if hasattr(qa, "strengths"):  # a QAdapterStack
-        if args.alpha_0 is not None or args.alpha_tilde is not None:
-            raise SystemExit("--alpha-0 / --alpha-tilde do not apply to a stack: use --strengths")
-        return dict(strengths=qa.strengths, **common)
-    try:  # the saved α's unless overridden, or the strength: one rule, QAdapterSettings.decoding_alphas
-        alpha_0, alpha_tilde = qa.settings.decoding_alphas(args.alpha_0, args.alpha_tilde, getattr(args, "strength", None))
-    except ValueError as e:
-        raise SystemExit(f"qadapter: {e}") from None
-    return dict(alpha_0=alpha_0, alpha_tilde=alpha_tilde, **common)
+    """How to decode; the strength and α's are already the loaded policy's own (:func:`load`)."""
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                stop_strings=args.stop, fast=not args.reference)
 
 
-def label(kwargs: dict, policy: str) -> str:
+def label(qa, policy: str) -> str:
     if policy == "base":
         return "base model (adapter disabled)"
     if policy == "adapter":
         return "adapter alone (softmax Q)"
-    if "strengths" in kwargs:
-        return f"stack of {len(kwargs['strengths'])} (strengths {', '.join(f'{s:g}' for s in kwargs['strengths'])})"
-    return f"Q-Adapter (alpha_0={kwargs['alpha_0']:g}, alpha_tilde={kwargs['alpha_tilde']:g})"
+    if hasattr(qa, "strengths"):  # a QAdapterStack
+        return f"stack of {len(qa.strengths)} (strengths {', '.join(f'{s:g}' for s in qa.strengths)})"
+    return f"Q-Adapter (alpha_0={qa.settings.alpha_0:g}, alpha_tilde={qa.settings.alpha_tilde:g})"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,7 +111,7 @@ def run(args) -> int:
             print(f"### prompt {i + 1}: {prompt}")
         for policy in policies:
             if labeled:
-                print(f"=== {label(kwargs, policy)} ===")
+                print(f"=== {label(qa, policy)} ===")
             print(answers[policy][i].strip() if labeled else answers[policy][i])
         if labeled and i + 1 < len(prompts):
             print()

@@ -211,60 +211,29 @@ def _dtype(dtype):
 
 def load_policy(path_or_name: str | os.PathLike, *, base_model: str | None = None, device: str | None = None,
                 dtype=None, alpha_0: float | None = None, alpha_tilde: float | None = None,
-                strengths=None):
-    """Load any evaluated policy from a folder or model name.
+                strength=None, strengths=None):
+    """Load any evaluated policy from a folder or model name (one loader: :func:`qadapter.loading.load`).
 
-    * a stack folder (``qadapter_stack.json``) → :class:`~qadapter.stack.QAdapterStack` (``strengths``:
-      one decoding strength per adapter, default the saved ones; ``base_model``: the ORIGINAL base);
+    * a stack folder (``qadapter_stack.json``) → :class:`~qadapter.stack.QAdapterStack` (``base_model``:
+      the ORIGINAL base);
     * a folder with ``qadapter_config.json`` → :class:`~qadapter.modeling.QAdapter` (``alpha_0`` /
       ``alpha_tilde`` override the saved decoding temperatures; ``base_model`` the base it loads onto);
     * a folder with ``adapter_config.json`` (a PEFT adapter, e.g. SFT / DPO LoRA) → :class:`HFPolicy`
       over ``PeftModel`` on its base (``base_model`` or the adapter's ``base_model_name_or_path``);
     * anything else (a model folder, a hub id, ``"embedded"``) → :class:`HFPolicy` over the model.
+
+    ``strength`` follows THE strength rule (:func:`qadapter.settings.strength_values`): one number sets
+    every adapter of a stack (or a Q-Adapter's strength), one number per adapter sets each; any other
+    count is a ValueError. ``strengths`` is the same argument under its older name.
     """
-    from transformers import AutoTokenizer
+    from ..loading import load
 
-    from ..embedded import load_model, load_tokenizer, resolve_model_path
-    from ..modeling import QAdapter
-    from ..settings import CONFIG_NAME
-
-    torch_dtype = _dtype(dtype)
-    path = Path(str(path_or_name))
-    from ..stack import STACK_CONFIG, QAdapterStack
-
-    if (path / STACK_CONFIG).is_file():
-        if alpha_0 is not None or alpha_tilde is not None:
-            raise ValueError(f"{path_or_name} is a stack: give strengths=[s_1, ..., s_k] instead of alpha_0 / alpha_tilde")
-        policy = QAdapterStack.from_pretrained(path, base_model=base_model, torch_dtype=torch_dtype, strengths=strengths)
-        if device:
-            policy.model.to(device)
-        return policy
-    if strengths is not None:
-        raise ValueError(f"strengths apply to a stack; {path_or_name} holds no {STACK_CONFIG}")
-    if (path / CONFIG_NAME).is_file():
-        policy = QAdapter.from_pretrained(path, base_model=base_model, torch_dtype=torch_dtype,
-                                          alpha_0=alpha_0, alpha_tilde=alpha_tilde)
-        if device:
-            policy.model.to(device)
-        policy.model.eval()
-        return policy
-    if alpha_0 is not None or alpha_tilde is not None:
-        raise ValueError(f"alpha_0 / alpha_tilde apply to a Q-Adapter; {path_or_name} holds no {CONFIG_NAME}")
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftConfig, PeftModel
-
-        config = PeftConfig.from_pretrained(str(path))
-        base_path = resolve_model_path(base_model or config.base_model_name_or_path)
-        base = load_model(base_path, dtype=torch_dtype)
-        tok_source = path if (path / "tokenizer_config.json").is_file() else base_path
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
-        model = PeftModel.from_pretrained(base, str(path))
-        name = str(path)
-    else:
-        model_path = resolve_model_path(str(path_or_name))
-        model = load_model(model_path, dtype=torch_dtype)
-        tokenizer = load_tokenizer(model_path)
-        name = str(path_or_name)
-    if device:
-        model.to(device)
-    return HFPolicy(model, tokenizer, name=name)
+    if strength is not None and strengths is not None:
+        raise ValueError("give strength or strengths (the same rule), not both")
+    field = "strengths" if strengths is not None else "strength"
+    loaded = load(path_or_name, base_model=base_model, device=device, torch_dtype=_dtype(dtype),
+                  strength=strength if strength is not None else strengths, alpha_0=alpha_0,
+                  alpha_tilde=alpha_tilde, field=field)
+    if loaded.policy is not None:
+        return loaded.policy
+    return HFPolicy(loaded.model, loaded.tokenizer, name=loaded.name)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbone import base_fingerprint
-from ..modeling import QAdapter
+from ..loading import folder_kind, load, read_folder
 from ..settings import CONFIG_NAME, QAdapterSettings
-from ..stack import STACK_CONFIG, QAdapterStack, read_stack
+from ..stack import STACK_CONFIG, QAdapterStack
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
@@ -56,19 +56,21 @@ class ServedModels:
         for name, path in adapters.items():
             if not NAME_RE.match(name):
                 raise ValueError(f"adapter name {name!r}: use letters, digits and . _ : - (at most 64 characters)")
-            if not ((Path(path) / CONFIG_NAME).is_file() or (Path(path) / STACK_CONFIG).is_file()):
+            if folder_kind(path) not in ("qadapter", "stack"):
                 raise ValueError(f"adapter {name!r}: {path} holds no {CONFIG_NAME} or {STACK_CONFIG}: is it a folder "
                                  "saved by qadapter?")
         items = list(adapters.items())
         first_name, first_path = items[0]
-        if (Path(first_path) / STACK_CONFIG).is_file():
-            first = QAdapterStack.from_pretrained(first_path, base_model=base_model)
-            model, tokenizer, source = first.model, first.tokenizer, first.base_model_name_or_path
-            fingerprint = first.base_fingerprint or base_fingerprint(model)
-            served = {first_name: ServedAdapter(first_name, first.names[-1], str(first_path), first.settings[-1], first)}
+        first = load(first_path, base_model=base_model)  # one loader: qadapter.loading
+        model, tokenizer = first.model, first.tokenizer
+        if first.kind == "stack":
+            stack = first.policy
+            source = stack.base_model_name_or_path
+            fingerprint = stack.base_fingerprint or base_fingerprint(model)
+            served = {first_name: ServedAdapter(first_name, stack.names[-1], str(first_path), stack.settings[-1], stack)}
         else:
-            qa = QAdapter.from_pretrained(first_path, base_model=base_model)
-            model, tokenizer, source = qa.model, qa.tokenizer, qa.settings.base_model_name_or_path
+            qa = first.policy
+            source = qa.settings.base_model_name_or_path
             fingerprint = base_fingerprint(model)
             peft_first = model.active_adapter if isinstance(model.active_adapter, str) else "default"
             served = {first_name: ServedAdapter(first_name, peft_first, str(first_path), qa.settings)}
@@ -76,8 +78,8 @@ class ServedModels:
             model.to(device)
         model.eval()
         for i, (name, path) in enumerate(items[1:], start=1):
-            if (Path(path) / STACK_CONFIG).is_file():
-                spec = read_stack(path)
+            if folder_kind(path) == "stack":
+                spec = read_folder(path)[0]
                 if spec.base_fingerprint and spec.base_fingerprint != fingerprint:
                     raise ValueError(f"stack {name!r} ({path}) was trained on another base model (fingerprint "
                                      f"{spec.base_fingerprint}, served base {fingerprint}); one server serves "

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from ..chat import encode_prompt
+from ..settings import strength_values
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
@@ -254,31 +255,41 @@ def _stop(body) -> tuple[str, ...]:
 
 
 def _stack_strengths(body, served, adapter_name, model) -> tuple[float, ...]:
-    """A stack's per-adapter strengths: ``strengths`` (one number per adapter, each >= 0) or one
-    ``strength`` for all (default: the saved ones); α's do not apply to a stack."""
+    """A stack's per-adapter strengths by THE strength rule (:func:`qadapter.settings.strength_values`):
+    ``strength`` (or its older name ``strengths``) is one number for every adapter or an array of one
+    per adapter (default: the saved ones); α's do not apply to a stack."""
     stack = served.adapters[adapter_name].stack
     for name in ("alpha_0", "alpha_tilde"):
         if body.get(name) is not None:
-            raise bad(name, f"{name} does not apply to {model!r}, a stack of {len(stack)} adapters: give strengths "
-                      f"(one number per adapter) or strength (one for all)")
-    values = body.get("strengths")
-    if values is not None and body.get("strength") is not None:
+            raise bad(name, f"{name} does not apply to {model!r}, a stack of {len(stack)} adapters: give strength "
+                      f"(one number for every adapter, or an array of one per adapter)")
+    if body.get("strengths") is not None and body.get("strength") is not None:
         raise bad("strengths", "give strengths or strength, not both")
-    if values is None:
-        one = _number(body, "strength", 0.0, STRENGTH_MAX)
-        return tuple(stack.strengths) if one is None else (one,) * len(stack)
-    if not isinstance(values, list):
-        raise bad("strengths", f"strengths must be an array of numbers, got {_kind(values)}")
-    if len(values) != len(stack):
-        raise bad("strengths", f"strengths must hold {len(stack)} numbers (one per adapter of {model!r}), "
-                  f"got {len(values)}")
-    return tuple(_number({f"strengths[{i}]": v}, f"strengths[{i}]", 0.0, STRENGTH_MAX) for i, v in enumerate(values))
+    field = "strengths" if body.get("strengths") is not None else "strength"
+    value = body.get(field)
+    if value is None:
+        return tuple(stack.strengths)
+    if isinstance(value, list):
+        value = [_number({f"{field}[{i}]": v}, f"{field}[{i}]", 0.0, STRENGTH_MAX) for i, v in enumerate(value)]
+    elif field == "strengths":
+        raise bad("strengths", f"strengths must be an array of numbers, got {_kind(value)}")
+    else:
+        value = _number(body, "strength", 0.0, STRENGTH_MAX)
+    try:
+        return tuple(strength_values(value, len(stack), field))
+    except ValueError as exc:
+        raise bad(field, f"{exc} of {model!r}") from None
 
 
 def _strength(body, served, adapter_name, model):
     if body.get("strengths") is not None and (adapter_name is None or served.adapters[adapter_name].stack is None):
         raise bad("strengths", f"strengths sets a stack's per-adapter strengths; {model!r} is not a stack "
                   "(use strength)")
+    if isinstance(body.get("strength"), list) and adapter_name is not None:  # [s]: a Q-Adapter is a stack of one
+        try:
+            body = {**body, "strength": strength_values(body["strength"], 1, "strength")[0]}
+        except ValueError as exc:
+            raise bad("strength", f"{exc} ({model!r} is one adapter)") from None
     strength = _number(body, "strength", 0.0, STRENGTH_MAX, lo_open=True)
     alpha_0 = _number(body, "alpha_0", 0.0, ALPHA_MAX)
     alpha_tilde = _number(body, "alpha_tilde", ALPHA_TILDE_MIN, ALPHA_MAX)
