@@ -39,7 +39,14 @@ softmax(Q̂) (the adapter model's own ``generate()``), as does ``policy="customi
 α̃ = 1; with an untrained adapter (Q̂ = base logits) ``"customized"`` is π1 sharpened by
 (1 + α0)/α̃, so α̃ = 1 + α0 recovers π1 exactly in distribution.
 
-Why one module of ~490 lines: the fast engine and the reference engine are the two halves of one
+The public engine API, which :func:`generate` and the server's decoder (:mod:`qadapter.server.batching`)
+both use, so there is ONE decode-step loop: :func:`make_engine` / :func:`branches_engine` (prefill,
+one step; :meth:`FastEngine.adopt` moves rows between engines), :func:`row_composer` (each row of a
+batch composed with its own settings), :class:`Sampler` (greedy or sampled, per-row or shared
+processors and generator), :class:`DecodeRow` and :class:`Batch` (rows joining and leaving a running
+batch's KV cache) and :func:`decode`, the loop.
+
+Why one module of ~730 lines: the fast engine and the reference engine are the two halves of one
 exactness claim (same tokens), and the decoding loop they share; splitting them would spread it.
 """
 
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -82,7 +90,7 @@ def _cache_kwarg(inner) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _new_cache(inner):
+def new_cache(inner):
     from transformers import DynamicCache
 
     try:
@@ -94,7 +102,7 @@ def _new_cache(inner):
 # ----------------------------------------------------------------------------------------- engines
 
 
-def _one_branch(policy: str, alpha_0: float, parameterization: str, q_scale: float = 1.0) -> bool:
+def one_branch(policy: str, alpha_0: float, parameterization: str, q_scale: float = 1.0) -> bool:
     """Whether the policy needs only one branch: π1 alone, softmax(zθ) alone, a full Q̂ with α0 = 0
     (log π1 does not enter eq. 1), or a residual Q̂ with α0 = q_scale, the tied default at strength 1:
     there eq. (1) is q_scale·(zθ − z1 + log π1)/α̃ = (q_scale/α̃)·zθ − (q_scale/α̃)·logsumexp(z1), a
@@ -104,17 +112,17 @@ def _one_branch(policy: str, alpha_0: float, parameterization: str, q_scale: flo
     return alpha_0 == 0.0 if parameterization == "full" else alpha_0 == q_scale
 
 
-def _fast_supported(model, policy: str, alpha_0: float, parameterization: str = "full", q_scale: float = 1.0) -> bool:
+def fast_supported(model, policy: str, alpha_0: float, parameterization: str = "full", q_scale: float = 1.0) -> bool:
     """False only where both branches are needed and the adapter cannot share a batch (DoRA, merged)."""
-    if not is_peft(model) or _one_branch(policy, alpha_0, parameterization, q_scale):
+    if not is_peft(model) or one_branch(policy, alpha_0, parameterization, q_scale):
         return True
     return fast_plan(model, active_adapter(model))[0] != "reference"
 
 
-class _Engine:
+class Engine:
     """Produces the next-token logits of the chosen policy, (B, V) float32 (possibly shifted by a
     per-row constant, which no softmax, argmax or logits processor of the loop sees: the fast
-    engine's one-projection head, :meth:`_FastEngine._mixed_head`).
+    engine's one-projection head, :meth:`FastEngine._mixed_head`).
 
     ``prefill(input_ids, attention_mask, total_len)`` runs the (B, P) left-padded prompts and returns
     the logits for the first new token; ``step(tokens)`` feeds the (B,) tokens just chosen and returns
@@ -123,15 +131,19 @@ class _Engine:
     """
 
     def __init__(self, model, policy: str, alpha_0: float, alpha_tilde: float, parameterization: str = "full",
-                 q_scale: float = 1.0):
+                 q_scale: float = 1.0, compose=None):
         self.model = model
         self.inner = inner_model(model)
         self.cache_kw = _cache_kwarg(self.inner)
         self.policy, self.alpha_0, self.alpha_tilde = policy, alpha_0, alpha_tilde
         self.parameterization, self.q_scale = parameterization, q_scale
+        self.composer = compose  # compose(q, base) -> logits, per row (row_composer); None: the policy's
 
     def compose(self, q: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
-        """The policy's logits from the adapter logits ``q`` and the base logits ``base``."""
+        """The policy's logits from the adapter logits ``q`` and the base logits ``base`` (or, with a
+        ``compose`` given, what it makes of them: e.g. each row with its own settings)."""
+        if self.composer is not None:
+            return self.composer(q, base)
         if self.policy == "base":
             return base
         if self.policy == "adapter":
@@ -162,21 +174,22 @@ class _Engine:
         pass
 
 
-class _FastEngine(_Engine):
+class FastEngine(Engine):
     """One forward per token for both branches, one KV cache (see the module docstring)."""
 
-    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0):
-        super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale)
+    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0,
+                 compose=None):
+        super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale, compose)
         self.B = batch_size
         peft = is_peft(model)
         if policy == "base" or not peft:
             self.branches = ("base",)
-        elif _one_branch(policy, alpha_0, parameterization, q_scale):
+        elif one_branch(policy, alpha_0, parameterization, q_scale):
             self.branches = ("adapter",)
         else:
             self.branches = ("base", "adapter")
         self.two = len(self.branches) == 2
-        self.cache = _new_cache(self.inner)
+        self.cache = new_cache(self.inner)
         self._stack = contextlib.ExitStack()
         self.adapter_names = None
         self.context = contextlib.nullcontext()  # entered around every forward
@@ -200,9 +213,9 @@ class _FastEngine(_Engine):
                 # with the plain linears' forwards (LinearForwards), one context swaps both sets
                 self.context = split if self.products is None else ReplacedForwards(
                     split.forwards + self.context.forwards)
-            elif self.two:  # PEFT's own mixed-adapter batch (_fast_supported refused "reference")
+            elif self.two:  # PEFT's own mixed-adapter batch (fast_supported refused "reference")
                 self.adapter_names = ["__base__"] * self.B + [adapter] * self.B
-        self.mixed_head = self._mixed_head() if self.two and policy == "customized" else None
+        self.mixed_head = self._mixed_head() if self.two and policy == "customized" and compose is None else None
 
     def _mixed_head(self):
         """π̃'s logits straight from the hidden states, with ONE vocabulary projection for both branches.
@@ -214,7 +227,7 @@ class _FastEngine(_Engine):
         nothing the decoding loop does with them (softmax, argmax, temperature, top-k, top-p, the -inf
         of min_new_tokens). That projects B rows instead of 2B, and no log-softmax over the base row.
         None (compose the two branches' logits) where the head is not a plain ``nn.Linear`` without
-        hooks or logit post-processing, or where a caller replaced :meth:`compose` (it wants the raw
+        hooks or logit post-processing, or where the caller gave its own ``compose`` (it wants the raw
         logits of both branches).
         """
         head = projection_head(self.model)
@@ -237,7 +250,7 @@ class _FastEngine(_Engine):
 
     def _forward(self, ids, mask, positions):
         kwargs = {self.cache_kw: self.cache}
-        mixed = self.mixed_head if "compose" not in vars(self) else None
+        mixed = self.mixed_head
         head = contextlib.nullcontext() if mixed is None else replaced_forward(*mixed)
         if self.adapter_names is not None:
             with self.context, head:
@@ -308,7 +321,7 @@ class _FastEngine(_Engine):
         self.mask[:, :L] = mask
         self.next_pos = torch.cat([e.next_pos.index_select(0, idx) for e, idx in picks])
         self.length = L
-        self.cache = _new_cache(self.inner)
+        self.cache = new_cache(self.inner)
         for j in range(len(parts[0][0].cache.layers)):
             keys = gather(lambda e: e.cache.layers[j].keys, 2)
             values = gather(lambda e: e.cache.layers[j].values, 2)
@@ -318,15 +331,16 @@ class _FastEngine(_Engine):
         self._stack.close()
 
 
-class _ReferenceEngine(_Engine):
+class ReferenceEngine(Engine):
     """Two separate forwards per token through the public PEFT model, one KV cache per branch."""
 
-    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0):
-        super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale)
+    def __init__(self, model, policy, alpha_0, alpha_tilde, batch_size: int, parameterization="full", q_scale=1.0,
+                 compose=None):
+        super().__init__(model, policy, alpha_0, alpha_tilde, parameterization, q_scale, compose)
         self.peft = is_peft(model)
         self.need_q = policy != "base"
         self.need_base = policy != "adapter"
-        self.cache_q, self.cache_base = _new_cache(self.inner), _new_cache(self.inner)
+        self.cache_q, self.cache_base = new_cache(self.inner), new_cache(self.inner)
 
     def _run(self, cache, ids, mask, positions):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -350,10 +364,68 @@ class _ReferenceEngine(_Engine):
         return self._both(tokens[:, None], mask, positions)
 
 
-# ----------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------- the public engine API
 
 
-def _logits_processors(prompt_len, min_new_tokens, eos, device, do_sample, temperature, top_k, top_p):
+def make_engine(model, policy: str, alpha_0: float, alpha_tilde: float, batch_size: int, *,
+                parameterization: str = "full", q_scale: float = 1.0, fast: bool = True, compose=None) -> Engine:
+    """The engine for ``batch_size`` rows of one policy: the fast one where it can serve the model
+    (:func:`fast_supported`), else the reference one. ``prefill(input_ids, attention_mask, total_len)``
+    and ``step(tokens)`` return the next-token logits (B, V); ``close()`` ends it. ``compose(q, base)``,
+    if given, makes the logits from the raw adapter and base logits instead of the policy (e.g.
+    :func:`row_composer`: every row with its own settings)."""
+    if fast and fast_supported(model, policy, alpha_0, parameterization, q_scale):
+        return FastEngine(model, policy, float(alpha_0), float(alpha_tilde), batch_size, parameterization,
+                          float(q_scale), compose)
+    return ReferenceEngine(model, policy, float(alpha_0), float(alpha_tilde), batch_size, parameterization,
+                           float(q_scale), compose)
+
+
+def branches_engine(model, branches: tuple[str, ...], batch_size: int, compose, fast: bool = True) -> Engine:
+    """An engine that runs the given ``branches`` of every row (``("base",)``, ``("adapter",)`` or both)
+    and hands their raw logits to ``compose(q, base)`` (None for a branch not run): for batches whose
+    rows each have their own policy (the server's decoder)."""
+    if branches == ("base",):
+        policy, alpha_0, parameterization = "base", 0.0, "full"
+    elif branches == ("adapter",):
+        policy, alpha_0, parameterization = "adapter", 0.0, "full"
+    else:  # a residual Q̂ at α0 ≠ q_scale needs both branches (one_branch)
+        policy, alpha_0, parameterization = "customized", 0.5, "residual"
+    return make_engine(model, policy, alpha_0, 1.0, batch_size, parameterization=parameterization, q_scale=1.0,
+                       fast=fast, compose=compose)
+
+
+def row_composer(keys: Sequence, compose_one):
+    """``compose(*branches)`` for a batch whose row i has the settings ``keys[i]`` (hashable: e.g.
+    (α0, α̃), a stack's strengths, or None for the base model): each group of rows with equal keys is
+    composed by ``compose_one(key, *branches_of_those_rows)`` (a branch not run is None). A batch of
+    one group is composed whole (no indexing), as a single-policy engine would."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    if len(groups) == 1:
+        key = next(iter(groups))
+        return lambda *branches: compose_one(key, *branches)
+    index = None
+
+    def compose(*branches):
+        nonlocal index
+        device = next(b for b in branches if b is not None).device
+        if index is None:
+            index = {key: torch.tensor(rows, device=device) for key, rows in groups.items()}
+        out = None
+        for key, idx in index.items():
+            part = compose_one(key, *[None if b is None else b[idx] for b in branches])
+            if out is None:
+                out = part.new_empty((len(keys),) + tuple(part.shape[1:]))
+            out[idx] = part
+        return out
+
+    return compose
+
+
+def logits_processors(prompt_len, min_new_tokens, eos, device, do_sample, temperature, top_k, top_p):
+    """transformers' logits processors for one sampler, in transformers' order."""
     from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)
 
@@ -368,6 +440,198 @@ def _logits_processors(prompt_len, min_new_tokens, eos, device, do_sample, tempe
         if top_p is not None and top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p=top_p))
     return procs
+
+
+@dataclass(eq=False)
+class Sampler:
+    """How rows pick their next token: greedy (argmax) or sampled, after ``processors`` (a
+    ``LogitsProcessorList`` or None), drawing from ``generator`` (None: torch's global RNG). Rows that
+    share one sampler are picked together (one ``torch.multinomial`` over their rows, as transformers)."""
+
+    do_sample: bool = False
+    processors: object = None
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def build(cls, *, do_sample: bool, prompt_len: int, device, eos=(), min_new_tokens: int = 0,
+              temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None,
+              seed: int | None = None) -> "Sampler":
+        """A sampler with transformers' processors and, with ``seed``, its own seeded generator."""
+        procs = logits_processors(prompt_len, min_new_tokens, list(eos), device, do_sample, temperature, top_k, top_p)
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(seed))
+        return cls(do_sample, procs or None, generator)
+
+    def pick(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        """(n,) tokens from (n, V) logits; ``seqs()`` gives the rows' ids so far (for the processors)."""
+        scores = self.processors(seqs(), logits) if self.processors is not None else logits
+        if self.do_sample:
+            return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1, generator=self.generator).squeeze(1)
+        return scores.argmax(dim=-1)
+
+
+GREEDY = Sampler()
+
+
+class DecodeRow:
+    """One prompt in a running batch: its ids, token budget, settings key (for :func:`row_composer`)
+    and :class:`Sampler`. ``ids`` holds the prompt and every token fed (padding once finished, as
+    transformers feeds finished rows); ``new_ids`` the row's own new tokens. Subclasses say when a
+    row ends (:meth:`accept`) or is dropped (:meth:`cancelled`)."""
+
+    def __init__(self, prompt_ids: Sequence[int], max_new_tokens: int, key=None, sampler: Sampler = GREEDY):
+        self.prompt_ids, self.max_new_tokens, self.key, self.sampler = list(prompt_ids), max_new_tokens, key, sampler
+        self.ids = list(prompt_ids)
+        self.new_ids: list[int] = []
+        self.finished = False
+
+    def cancelled(self) -> bool:
+        """Checked before each token counts: True ends the row there (its token is not kept)."""
+        return False
+
+    def accept(self, token: int, is_eos: bool) -> bool:
+        """Take the row's new token; True when the row ends with it."""
+        self.new_ids.append(token)
+        return is_eos or len(self.new_ids) >= self.max_new_tokens
+
+
+class Batch:
+    """The rows decoded together and their engine: prefill, one step, rows joining and leaving.
+
+    ``new_engine(rows)`` builds the engine for a list of rows (it composes each row by its key).
+    Rows join a running batch where the engine can move rows (:meth:`FastEngine.can_adopt`): the
+    newcomers are prefilled by themselves, then a fresh engine adopts the live rows' and the
+    newcomers' KV caches (:meth:`FastEngine.adopt`), and finished rows leave.
+    """
+
+    def __init__(self, new_engine, rows: list[DecodeRow], pad_id: int, device):
+        self.new_engine, self.pad_id, self.device = new_engine, pad_id, device
+        self.engine, self.logits = self._prefilled(rows)
+        self._use(rows)
+
+    def _use(self, rows):
+        self.rows = rows
+        groups: dict = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.sampler, []).append(i)
+        self.samplers = [(s, None if len(idx) == len(rows) else torch.tensor(idx, device=self.device))
+                         for s, idx in groups.items()]
+
+    def _prefilled(self, rows):
+        input_ids, attention_mask = left_pad([r.prompt_ids for r in rows], self.pad_id, self.device)
+        engine = self.new_engine(rows)
+        try:
+            budget = max(r.max_new_tokens - len(r.new_ids) for r in rows)
+            return engine, engine.prefill(input_ids, attention_mask, input_ids.shape[1] + budget)
+        except BaseException:
+            engine.close()
+            raise
+
+    def pick(self) -> torch.Tensor:
+        """Every row's next token, each by its sampler (finished rows' tokens are replaced later)."""
+        tokens = None
+        for sampler, idx in self.samplers:
+            rows = self.rows if idx is None else [self.rows[i] for i in idx.tolist()]
+            chosen = sampler.pick(self.logits if idx is None else self.logits[idx],
+                                  lambda: left_pad([r.ids for r in rows], self.pad_id, self.device)[0])
+            if idx is None:
+                return chosen
+            if tokens is None:
+                tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
+            tokens[idx] = chosen
+        return tokens
+
+    def live(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if not r.finished]
+
+    def can_join(self) -> bool:
+        return hasattr(self.engine, "adopt") and self.engine.can_adopt()
+
+    def step(self, tokens: torch.Tensor, joining: list[DecodeRow]) -> None:
+        """Feed the step's tokens to the live rows and take in ``joining``; the logits for the next
+        token of every row that stays are then in :attr:`logits`."""
+        live = self.live()
+        logits = self.engine.step(tokens) if live else None
+        if joining:
+            fresh, fresh_logits = self._prefilled(joining)
+            # closed before the merged engine is built: an engine's contexts (the base engine's
+            # disable_adapter) do not nest; adopt() reads only their tensors
+            fresh.close()
+            self.engine.close()
+            kept = [self.rows[i] for i in live]
+            budget = max(r.max_new_tokens - len(r.new_ids) for r in kept + joining)
+            merged = self.new_engine(kept + joining)
+            merged.adopt(([(self.engine, live)] if live else []) + [(fresh, list(range(len(joining))))],
+                         max(self.engine.length, fresh.length) + budget + 1)
+            self.engine = merged
+            logits = fresh_logits if not live else _join(logits, live, fresh_logits)
+            self._use(kept + joining)
+        self.logits = logits
+
+    def close(self):
+        self.engine.close()
+
+
+def _join(old, live, new):
+    """The live rows' next logits, then the newcomers' first (raw branches: a tuple, None where not run)."""
+    if isinstance(new, torch.Tensor):
+        return torch.cat([old.index_select(0, torch.tensor(live, device=old.device)), new])
+    return type(new)(n if o is None else _join(o, live, n) for o, n in zip(old, new))
+
+
+def decode(new_engine, rows: list[DecodeRow], *, eos: Sequence[int], pad_id: int, device, on_step=None,
+           admit=None) -> None:
+    """THE decode-step loop (``generate`` and the server's decoder): prefill ``rows``, then per step
+    pick every row's token (:class:`Sampler`), let each row take it (:meth:`DecodeRow.accept`), and
+    feed the tokens until every row is finished. ``on_step(tokens)``: the (B,) tokens of each step
+    (padding for finished rows). ``admit(n_live)`` (continuous batching) is asked between two tokens,
+    where the engine can move rows, for rows to join the ``n_live`` live ones (a list, maybe empty)."""
+    eos_t = torch.tensor(list(eos), dtype=torch.long, device=device) if eos else None
+    pad_t = torch.tensor(pad_id, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        batch = Batch(new_engine, rows, pad_id, device)
+        try:
+            while True:
+                tokens = batch.pick()
+                for r in batch.rows:  # cancelled rows stop here, before their token counts
+                    if not r.finished and r.cancelled():
+                        r.finished = True
+                active = [not r.finished for r in batch.rows]
+                if not all(active):
+                    tokens = torch.where(torch.tensor(active, device=device), tokens, pad_t)
+                if on_step is not None:
+                    on_step(tokens)
+                is_eos = torch.isin(tokens, eos_t).tolist() if eos_t is not None else [False] * len(active)
+                for r, token, on, end in zip(batch.rows, tokens.tolist(), active, is_eos):
+                    r.ids.append(token)
+                    if on and r.accept(token, end):
+                        r.finished = True
+                live = batch.live()
+                joining = admit(len(live)) if admit is not None and batch.can_join() else []
+                if not live and not joining:
+                    return
+                batch.step(tokens, joining)
+        finally:
+            batch.close()
+
+
+# ----------------------------------------------------------------------------------------- generate
+
+
+class _GenerateRow(DecodeRow):
+    """A row of :func:`generate`: it also ends at a stop string (transformers' ``StopStringCriteria``)."""
+
+    def __init__(self, prompt_ids, max_new_tokens, sampler, stop, device):
+        super().__init__(prompt_ids, max_new_tokens, None, sampler)
+        self.stop, self.device = stop, device
+
+    def accept(self, token, is_eos):
+        end = super().accept(token, is_eos)
+        if not end and self.stop is not None:
+            end = bool(self.stop(torch.tensor([self.ids], device=self.device), None)[0])
+        return end
 
 
 def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, max_new_tokens: int = 128,
@@ -428,75 +692,42 @@ def generate(model, tokenizer, prompts, *, alpha_0: float, alpha_tilde: float, m
         raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
 
     prompt_list = normalize_prompts(prompts)
-    inner = inner_model(model)
-    device = next(inner.parameters()).device
+    device = next(inner_model(model).parameters()).device
     eos = eos_token_ids(model, tokenizer, eos_token_id)
     pad_id = pad_token_id(tokenizer, model, eos)
-    rows = [encode_prompt(tokenizer, p, raw_text) for p in prompt_list]
-    input_ids, attention_mask = left_pad(rows, pad_id, device)
-    B, P = input_ids.shape
+    prompt_rows = [encode_prompt(tokenizer, p, raw_text) for p in prompt_list]
+    B = len(prompt_rows)
     if max_new_tokens == 0:
         return ([""] * B, [[] for _ in range(B)]) if return_ids else [""] * B
-
-    processors = _logits_processors(P, min_new_tokens, eos, device, do_sample, temperature, top_k, top_p)
+    input_ids, _ = left_pad(prompt_rows, pad_id)  # the processors see the rows left-padded to one width
+    # one sampler for every row: one torch.multinomial per step over the batch, as transformers draws
+    sampler = Sampler.build(do_sample=do_sample, prompt_len=input_ids.shape[1], device=device, eos=eos,
+                            min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed)
     stop = None
     if stop_strings:
         from transformers import StopStringCriteria
         stop = StopStringCriteria(tokenizer, [stop_strings] if isinstance(stop_strings, str) else list(stop_strings))
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed))
+    rows = [_GenerateRow(r, max_new_tokens, sampler, stop, device) for r in prompt_rows]
+
+    def new_engine(batch_rows):
+        if engine_factory is not None:
+            return engine_factory(len(batch_rows))
+        return make_engine(model, policy, alpha_0, alpha_tilde, len(batch_rows), parameterization=parameterization,
+                           q_scale=q_scale, fast=fast)
 
     was_training = model.training
     model.eval()
-    if engine_factory is not None:
-        engine = engine_factory(B)
-    else:
-        Engine = (_FastEngine if fast and _fast_supported(model, policy, alpha_0, parameterization, q_scale)
-                  else _ReferenceEngine)
-        engine = Engine(model, policy, float(alpha_0), float(alpha_tilde), B, parameterization, float(q_scale))
     try:
-        with torch.inference_mode():
-            seqs = torch.empty((B, P + max_new_tokens), dtype=torch.long, device=device)
-            seqs[:, :P] = input_ids
-            unfinished = torch.ones(B, dtype=torch.bool, device=device)
-            lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-            pad_t = torch.tensor(pad_id, dtype=torch.long, device=device)
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
-
-            logits = engine.prefill(input_ids, attention_mask, P + max_new_tokens)
-            for step in range(max_new_tokens):
-                cur = P + step
-                scores = processors(seqs[:, :cur], logits) if processors else logits
-                if do_sample:
-                    probs = F.softmax(scores, dim=-1)
-                    tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-                else:
-                    tokens = scores.argmax(dim=-1)
-                tokens = torch.where(unfinished, tokens, pad_t)
-                seqs[:, cur] = tokens
-                if streamer is not None:
-                    streamer.put(tokens.cpu())
-                done = torch.isin(tokens, eos_t) if eos_t is not None else torch.zeros_like(unfinished)
-                if stop is not None:
-                    done = done | stop(seqs[:, :cur + 1], None).to(device)
-                done = done & unfinished
-                lengths = torch.where(done, step + 1, lengths)
-                unfinished = unfinished & ~done
-                if step + 1 == max_new_tokens or not bool(unfinished.any()):
-                    break
-                logits = engine.step(tokens)
-            if streamer is not None:
-                streamer.end()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        decode(new_engine, rows, eos=eos, pad_id=pad_id, device=device,
+               on_step=None if streamer is None else (lambda tokens: streamer.put(tokens.cpu())))
+        if streamer is not None:
+            streamer.end()
     finally:
-        engine.close()
         if was_training:
             model.train()
-
-    lengths = lengths.tolist()
-    new_ids = [seqs[i, P:P + lengths[i]].tolist() for i in range(B)]
+    new_ids = [r.new_ids for r in rows]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
     return (texts, new_ids) if return_ids else texts

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import base_fingerprint, causal_lm_logits, fast_plan
-from .generation import _Engine, _new_cache, generate as _generate
+from .generation import Engine, generate as _generate, new_cache
 from .modeling import QAdapter
 from .io import save_atomically
 from .settings import CONFIG_NAME, QAdapterSettings, strength_values
@@ -251,7 +251,7 @@ class QAdapterStack:
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
         self.base_fingerprint = base_fingerprint
-        self._activate(len(self.names))
+        self.activate(len(self.names))
 
     def __repr__(self) -> str:
         return f"QAdapterStack({len(self.names)} adapters on {self.base_model_name_or_path!r}, strengths {self.strengths})"
@@ -305,8 +305,9 @@ class QAdapterStack:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _activate(self, g: int) -> None:
-        """Adapters 1..g active (g ≥ 1)."""
+    def activate(self, g: int | None = None) -> None:
+        """Adapters 1..g active (g ≥ 1; None: all of them, the state decoding and scoring expect)."""
+        g = len(self.names) if g is None else g
         self.model.base_model.set_adapter(self.names[:g], inference_mode=True)
 
     @contextlib.contextmanager
@@ -317,10 +318,10 @@ class QAdapterStack:
                 with self.model.disable_adapter():
                     yield
             else:
-                self._activate(g)
+                self.activate(g)
                 yield
         finally:
-            self._activate(len(self.names))
+            self.activate(len(self.names))
 
     def _strengths(self, strengths, field: str = "strengths") -> list[float]:
         """The strengths to decode at: THE strength rule (:func:`qadapter.settings.strength_values`)."""
@@ -366,11 +367,8 @@ class QAdapterStack:
             if kwargs.pop(key, None) is not None:
                 raise ValueError(f"{key} does not apply to a stack: give strength=s (every adapter) or "
                                  "strength=[s_1, ..., s_k]")
-        use_fast = fast and _stack_plan(self) is not None
-
         def engine(batch_size: int):
-            cls = StackFastEngine if use_fast else StackReferenceEngine
-            return cls(self, policy, strengths, batch_size)
+            return stack_engine(self, policy, strengths, batch_size, fast=fast)
 
         return _generate(self.model, self.tokenizer, prompts, alpha_0=1.0, alpha_tilde=1.0, policy=policy,
                          engine_factory=engine, **kwargs)
@@ -386,7 +384,7 @@ def _levels_needed(policy: str, k: int, strengths: Sequence[float]) -> list[int]
     return list(range(k + 1))
 
 
-def _stack_plan(stack: QAdapterStack):
+def stack_plan(stack: QAdapterStack):
     """Per LoRA layer, the plain LoRA Linears of the stack's adapters (or None where some layer is not
     plain: then decoding uses the reference engine)."""
     layers = {}
@@ -417,17 +415,17 @@ def _stack_rows_forward(module, adapters_from: Sequence[tuple[str, int]]):
     return forward
 
 
-class StackFastEngine(_Engine):
+class StackFastEngine(Engine):
     """One forward per token for every branch the policy needs, one KV cache: row group g (rows
     g·B..(g+1)·B−1) is z_{levels[g]}, i.e. the base plus the deltas of adapters 1..levels[g]."""
 
-    def __init__(self, stack: QAdapterStack, policy: str, strengths, batch_size: int):
-        super().__init__(stack.model, policy, 1.0, 1.0)
+    def __init__(self, stack: QAdapterStack, policy: str, strengths, batch_size: int, compose=None):
+        super().__init__(stack.model, policy, 1.0, 1.0, compose=compose)
         self.stack, self.B, self.strengths = stack, batch_size, list(strengths)
         self.levels = _levels_needed(policy, len(stack.names), strengths)
         self.G = len(self.levels)
-        self.cache = _new_cache(self.inner)
-        plan = _stack_plan(stack)
+        self.cache = new_cache(self.inner)
+        plan = stack_plan(stack)
         index = {n: i + 1 for i, n in enumerate(stack.names)}
         self.forwards = []
         for module, names in plan:
@@ -452,6 +450,10 @@ class StackFastEngine(_Engine):
         return self._compose(groups)
 
     def _compose(self, groups):
+        """The policy's logits from the branches z_{levels[0]}, ... (or, with a ``compose`` given, what
+        it makes of them: e.g. each row at its own strengths)."""
+        if self.composer is not None:
+            return self.composer(*groups)
         if self.G == 1:
             return groups[0]
         return stack_logits(groups, self.strengths)
@@ -469,12 +471,12 @@ class StackReferenceEngine(StackFastEngine):
     """k+1 separate forwards per token through the public PEFT model (each level's adapters made
     active with ``set_adapter``), one KV cache per branch."""
 
-    def __init__(self, stack: QAdapterStack, policy: str, strengths, batch_size: int):
-        _Engine.__init__(self, stack.model, policy, 1.0, 1.0)
+    def __init__(self, stack: QAdapterStack, policy: str, strengths, batch_size: int, compose=None):
+        Engine.__init__(self, stack.model, policy, 1.0, 1.0, compose=compose)
         self.stack, self.B, self.strengths = stack, batch_size, list(strengths)
         self.levels = _levels_needed(policy, len(stack.names), strengths)
         self.G = len(self.levels)
-        self.caches = [_new_cache(self.inner) for _ in self.levels]
+        self.caches = [new_cache(self.inner) for _ in self.levels]
 
     def _all(self, ids, mask, positions):
         groups = []
@@ -492,6 +494,19 @@ class StackReferenceEngine(StackFastEngine):
     def step(self, tokens):
         mask, positions = self._advance()
         return self._all(tokens[:, None], mask, positions)
+
+
+def stack_engine(stack: QAdapterStack, policy: str, strengths: Sequence[float], batch_size: int, *,
+                 fast: bool = True, compose=None) -> Engine:
+    """The engine that decodes ``batch_size`` rows of ``stack`` (:class:`StackFastEngine`, or the
+    reference engine where some LoRA layer is not plain). The strengths choose the branches (all 1:
+    z_k alone); ``compose(*branches)``, if given, makes the logits from the raw branches instead
+    (e.g. :func:`qadapter.generation.row_composer`: each row at its own strengths)."""
+    # only the stack's adapters active: a LoRA layer the fast engine does not replace (it holds none
+    # of the stack's adapters) must not apply another adapter of the same PeftModel
+    stack.activate()
+    cls = StackFastEngine if fast and stack_plan(stack) is not None else StackReferenceEngine
+    return cls(stack, policy, strengths, batch_size, compose)
 
 
 def load_stack_or_adapter(path, **kwargs):

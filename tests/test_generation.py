@@ -153,11 +153,11 @@ def test_residual_at_alpha0_equal_q_scale_runs_the_adapter_branch_alone(model, t
     """α0 = q_scale (the tied default at strength 1): eq. (1) is (q_scale/α̃)·zθ minus a per-row constant,
     so the fast engine runs B rows, not 2B; its logits differ from the two-branch composition by a
     constant per row only. Any other α0 runs both branches."""
-    from qadapter.generation import _FastEngine, left_pad
+    from qadapter.generation import FastEngine, left_pad
     from qadapter.objective import customized_logits
 
-    one = _FastEngine(model, "customized", 0.7, 0.35, 2, "residual", 0.7)
-    both = _FastEngine(model, "customized", 0.5, 0.35, 2, "residual", 0.7)
+    one = FastEngine(model, "customized", 0.7, 0.35, 2, "residual", 0.7)
+    both = FastEngine(model, "customized", 0.5, 0.35, 2, "residual", 0.7)
     assert one.branches == ("adapter",) and both.branches == ("base", "adapter")
     ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS[:2]], 0)
     with torch.no_grad():
@@ -178,12 +178,12 @@ def test_the_adapter_branch_alone_runs_the_lean_lora_forward_bit_equal_to_peft(m
     import contextlib
 
     from qadapter.backbone import SplitRows
-    from qadapter.generation import _FastEngine, left_pad
+    from qadapter.generation import FastEngine, left_pad
 
     ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS[:3]], 0)
     runs = []
     for lean in (True, False):
-        engine = _FastEngine(model, "customized", 0.7, 0.35, 3, "residual", 0.7)
+        engine = FastEngine(model, "customized", 0.7, 0.35, 3, "residual", 0.7)
         assert engine.branches == ("adapter",) and isinstance(engine.context, SplitRows)
         if not lean:
             engine.context = contextlib.nullcontext()  # PEFT's LoRA Linear.forward

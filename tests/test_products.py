@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from qadapter import products as P
 from qadapter.errors import ConfigError
-from qadapter.generation import _FastEngine, generate
+from qadapter.generation import FastEngine, generate
 from test_generation import PROMPTS, encoded, model, tiny_model, tok  # noqa: F401  (model, tok: fixtures)
 
 
@@ -132,7 +132,7 @@ def test_two_branch_decoding_in_either_order_gives_the_reference_tokens(monkeypa
     logits = {}
     for order in ("weight-first", "linear"):
         monkeypatch.setenv(P.ENV, order)
-        engine = _FastEngine(model, "customized", alpha_0, alpha_tilde, ids.shape[0], parameterization, q_scale)
+        engine = FastEngine(model, "customized", alpha_0, alpha_tilde, ids.shape[0], parameterization, q_scale)
         with torch.inference_mode():
             first = engine.prefill(ids, mask, ids.shape[1] + 2)
             logits[order] = torch.stack([first, engine.step(first.argmax(-1))])
@@ -143,7 +143,7 @@ def test_two_branch_decoding_in_either_order_gives_the_reference_tokens(monkeypa
 def test_the_one_branch_decoder_never_uses_it(monkeypatch, model, tok):
     monkeypatch.setenv(P.ENV, "weight-first")
     calls = counting(monkeypatch)
-    engine = _FastEngine(model, "customized", 1.0, 1.0, 3, "residual", 1.0)
+    engine = FastEngine(model, "customized", 1.0, 1.0, 3, "residual", 1.0)
     assert engine.branches == ("adapter",) and engine.products is None
     engine.close()
     generate(model, tok, PROMPTS, fast=True, alpha_0=1.0, alpha_tilde=1.0, parameterization="residual",

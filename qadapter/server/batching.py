@@ -25,14 +25,18 @@ batch the decoder takes in waiting rows that its engine can serve (the same adap
 where the batch runs both branches; only one-branch rows into a one-branch batch), oldest first,
 up to ``max_batch`` live rows. The newcomers are prefilled by themselves; then the live rows and
 the newcomers continue as ONE batch: a fresh fast engine adopts both KV caches, each left-padded
-under a 0 mask to the longer one (:meth:`qadapter.generation._FastEngine.adopt`), and finished
+under a 0 mask to the longer one (:meth:`qadapter.generation.FastEngine.adopt`), and finished
 rows leave. Left padding under a 0 mask changes no row's attention or positions, so the exactness
 above holds for rows that join (tests/test_server_batching.py checks tokens against decoding
 alone). A request therefore waits at most one token of the running batch plus its own prefill,
 not the whole batch. Stacks and the reference engine (layers the fast engine cannot split) keep
 dynamic batching.
 
-Why one module of ~500 lines: the decoder's loop, the row state it keeps and the scheduler that
+The decode-step loop itself is :func:`qadapter.generation.decode`, the one ``QAdapter.generate``
+runs: this module says which engine a batch runs (:class:`_Plan`), how each row's logits are
+composed and who may join, and turns a request row's tokens into streamed text.
+
+Why one module of ~430 lines: the decoder's loop, the row state it keeps and the scheduler that
 feeds it rows between two tokens are one protocol (who may join, when, and who is told of an
 error); split, the admission rules would live apart from the loop that relies on them.
 """
@@ -51,7 +55,7 @@ import torch
 from .. import generation as G
 from ..backbone import eos_token_ids, pad_token_id
 from ..objective import adapter_only_logits, customized_logits
-from ..stack import stack_logits
+from ..stack import stack_engine, stack_logits
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
@@ -154,229 +158,74 @@ class BatchDecoder:
         self.stats = stats if stats is not None else collections.Counter()
         self.max_rows = max_rows  # rows that joining requests may fill a running batch up to
 
-    def _engine(self, adapter_name: str | None, batch: int, adapter_only: bool = False):
-        """A fast (or, where the adapter cannot share a batch, reference) engine that returns the raw
-        (adapter logits, base logits) of every row instead of one policy's logits; ``adapter_only``:
-        (adapter logits, None), one branch (every row's policy is a per-row constant away from
-        scaled adapter logits, :func:`qadapter.generation._one_branch`)."""
-        if adapter_name is None:
-            policy, parameterization = "base", "full"
-        else:
-            served = self.served.adapters[adapter_name]
-            self.model.set_adapter(served.peft_name)
-            policy, parameterization = ("adapter", "full") if adapter_only else ("customized", "residual")
-        # the α's only choose the branches here (compose is replaced): α0 ≠ q_scale runs both
-        fast = G._fast_supported(self.model, policy, 0.5, parameterization, 1.0)
-        Engine = G._FastEngine if fast else G._ReferenceEngine
-        engine = Engine(self.model, policy, 0.5, 1.0, batch, parameterization, 1.0)
-        engine.compose = lambda q, base: (q, base)
-        return engine
-
-    def _stack_engine(self, stack, batch: int, all_ones: bool):
-        """A stack's fast engine (or its reference engine, where some LoRA layer is not plain) that
-        returns the raw branches [z_0, ..., z_k] (``all_ones``: [z_k]) instead of one policy's logits."""
-        from ..stack import StackFastEngine, StackReferenceEngine, _stack_plan
-
-        # only the stack's adapters active: a LoRA layer the fast engine does not replace (it holds none of
-        # the stack's adapters) must not apply another served adapter
-        stack._activate(len(stack))
-        strengths = [1.0 if all_ones else 0.5] * len(stack)  # only chooses the branches: compose is replaced
-        Engine = StackFastEngine if _stack_plan(stack) is not None else StackReferenceEngine
-        engine = Engine(stack, "customized", strengths, batch)
-        engine._compose = lambda levels: levels
-        return engine
-
-    def decode(self, rows: list[Row], admit: Callable[[Callable[[Row], bool], int], list[Row]] | None = None) -> None:
-        """Decode ``rows`` in one batch until every row is finished; ``admit(fits, n)`` (continuous
-        batching) is asked between two tokens for up to ``n`` more rows that ``fits`` accepts: they
-        are prefilled by themselves and join the running batch (:meth:`_FastEngine.adopt`), and
-        finished rows leave it then."""
+    def _plan(self, rows: list[Row]) -> "_Plan":
+        """What a batch of ``rows`` runs: its adapter (or stack), and whether the adapter branch alone
+        serves every row (every row customized at α0 = q_scale, the tied default at strength 1, or a
+        full Q̂ at α0 = 0: the base branch changes nothing the loop sees; a stack: every row at all
+        strengths 1 runs z_k, the network with every adapter, alone)."""
         adapters = {r.adapter for r in rows if r.adapter is not None}
         if len(adapters) > 1:
             raise ValueError(f"one batch decodes one adapter, got {sorted(adapters)}")
         adapter = next(iter(adapters), None)
-        settings = self.served.adapters[adapter].settings if adapter else None
-        stack = self.served.adapters[adapter].stack if adapter else None
-
-        def key_of(r):  # rows grouped by policy: None = base, else (α0, α̃) (a stack: its strengths)
-            return r.strengths if stack is not None and r.adapter is not None else r.alphas
-
-        # every row customized at α0 = q_scale (the tied default at strength 1, or a full Q̂ at α0 = 0):
-        # the base branch changes nothing the loop sees, so the batch runs the adapter branch alone
-        # (a stack: every row at all strengths 1 runs z_k, the network with every adapter, alone)
-        def one_branch(alphas) -> bool:  # a customized row the adapter branch alone decodes
-            return G._one_branch("customized", alphas[0], settings.parameterization, settings.q_scale)
-
-        keys = {key_of(r) for r in rows}
-        if stack is not None:
-            adapter_only = None not in keys and all(all(x == 1.0 for x in key) for key in keys)
+        served = self.served.adapters[adapter] if adapter else None
+        plan = _Plan(adapter, None if served is None else served.settings, None if served is None else served.stack)
+        keys = {plan.key(r) for r in rows}
+        if plan.stack is not None:
+            plan.adapter_only = None not in keys and all(all(x == 1.0 for x in key) for key in keys)
         else:
-            adapter_only = settings is not None and None not in keys and all(one_branch(k) for k in keys)
+            plan.adapter_only = adapter is not None and None not in keys and all(plan.one_branch(k) for k in keys)
+        return plan
 
-        def fits(r: Row) -> bool:
-            """Whether a waiting row can join this batch: the same engine serves it."""
-            if r.cancelled.is_set() or stack is not None:
-                return False
-            if adapter is None or r.adapter is None:
-                return r.adapter is None and (adapter is None or not adapter_only)
-            return r.adapter == adapter and (not adapter_only or one_branch(r.alphas))
+    def _new_engine(self, plan: "_Plan"):
+        """``new_engine(rows)`` for :func:`qadapter.generation.decode`: an engine that composes every
+        row with its own settings (:func:`qadapter.generation.row_composer`)."""
+        def new_engine(rows):
+            compose = G.row_composer([plan.key(r.row) for r in rows], plan.compose_one)
+            if plan.stack is not None:
+                strengths = [1.0 if plan.adapter_only else 0.5] * len(plan.stack)  # they choose the branches
+                return stack_engine(plan.stack, "customized", strengths, len(rows), compose=compose)
+            if plan.adapter is None:
+                return G.branches_engine(self.model, ("base",), len(rows), compose)
+            self.model.set_adapter(self.served.adapters[plan.adapter].peft_name)
+            branches = ("adapter",) if plan.adapter_only else ("base", "adapter")
+            return G.branches_engine(self.model, branches, len(rows), compose)
+        return new_engine
 
-        state = {}  # the batch's rows and their per-row decoding state, rebuilt when rows join
+    def _decoding(self, r: Row) -> "_Decoding":
+        """A row's decoding state: its text and its sampler (seeded per request)."""
+        sampler = G.GREEDY
+        if r.temperature > 0:
+            sampler = G.Sampler.build(do_sample=True, prompt_len=len(r.prompt_ids), device=self.device, eos=self.eos,
+                                      temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed)
+        return _Decoding(r, sampler, _Text(self.tokenizer, self.served.tokenizer_lock, r.stop), self.stats)
 
-        def setup(batch_rows):
-            B = len(batch_rows)
-            groups = collections.defaultdict(list)
-            for i, r in enumerate(batch_rows):
-                groups[key_of(r)].append(i)
-            state.update(rows=batch_rows, B=B, groups={k: torch.tensor(v, device=self.device) for k, v in groups.items()},
-                         greedy=torch.tensor([i for i, r in enumerate(batch_rows) if r.temperature <= 0],
-                                             dtype=torch.long, device=self.device),
-                         sampled=[i for i, r in enumerate(batch_rows) if r.temperature > 0])
-
-        def prepare(r: Row):
-            """A row's own decoding state: its text, and its sampler (seeded per request)."""
-            r._text = _Text(self.tokenizer, self.served.tokenizer_lock, r.stop)
-            r._processors = None
-            r._generator = None
-            if r.temperature > 0:
-                r._processors = G._logits_processors(len(r.prompt_ids), 0, self.eos, self.device, True,
-                                                     r.temperature, r.top_k, r.top_p)
-                if r.seed is not None:
-                    r._generator = torch.Generator(device=self.device)
-                    r._generator.manual_seed(int(r.seed))
-
-        def compose_stack(levels):
-            """Per row group, the stacked policy's logits from the branches z_0..z_k (or z_k alone)."""
-            if adapter_only:
-                return levels[0]
-            out = torch.empty_like(levels[0])
-            for key, idx in state["groups"].items():
-                whole = len(idx) == state["B"]
-                parts = levels if whole else [z[idx] for z in levels]
-                logits = parts[0] if key is None else stack_logits(parts, key)
-                if whole:
-                    return logits
-                out[idx] = logits
-            return out
-
-        def compose(q, base):
-            groups, B = state["groups"], state["B"]
-            if len(groups) == 1 and None in groups:
-                return base
-            out = torch.empty_like(q if base is None else base)
-            for alphas, idx in groups.items():
-                whole = len(idx) == B
-                z = q if whole else q[idx]
-                if alphas is None:
-                    logits = base if whole else base[idx]
-                elif base is None:
-                    logits = adapter_only_logits(z, settings.parameterization, settings.q_scale, alphas[1])
-                else:
-                    logits = customized_logits(z, base if whole else base[idx], parameterization=settings.parameterization,
-                                               q_scale=settings.q_scale, alpha_0=alphas[0], alpha_tilde=alphas[1])
-                if whole:
-                    return logits
-                out[idx] = logits
-            return out
-
-        combine = compose_stack if stack is not None else (lambda branches: compose(*branches))
-
-        def new_engine(B):
-            return self._stack_engine(stack, B, adapter_only) if stack is not None else self._engine(adapter, B, adapter_only)
-
-        def prefill(batch_rows):
-            """A new engine with ``batch_rows`` prefilled, and the raw branches for their first token."""
-            input_ids, attention_mask = G.left_pad([r.prompt_ids for r in batch_rows], self.pad_id, self.device)
-            budget = max(r.max_new_tokens for r in batch_rows)
-            engine = new_engine(len(batch_rows))
-            try:
-                return engine, engine.prefill(input_ids, attention_mask, input_ids.shape[1] + budget)
-            except BaseException:
-                engine.close()
-                raise
-
-        was_training = self.model.training
-        self.model.eval()
-        for r in rows:
-            prepare(r)
-        setup(rows)
-        self.stats["adapter_only_batches"] += int(adapter_only)
+    def decode(self, rows: list[Row], admit: Callable[[Callable[[Row], bool], int], list[Row]] | None = None) -> None:
+        """Decode ``rows`` in one batch until every row is finished, through the one decode-step loop
+        (:func:`qadapter.generation.decode`); ``admit(fits, n)`` (continuous batching) is asked between
+        two tokens for up to ``n`` more rows that ``fits`` accepts: they are prefilled by themselves and
+        join the running batch, and finished rows leave it then."""
+        plan = self._plan(rows)
+        self.stats["adapter_only_batches"] += int(plan.adapter_only)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
-        engine = None
         everyone = list(rows)  # every row this call decodes, newcomers included: all are told of an error
-        eos_t = torch.tensor(self.eos, dtype=torch.long, device=self.device) if self.eos else None
-        pad_t = torch.tensor(self.pad_id, dtype=torch.long, device=self.device)
-        try:
-            with torch.inference_mode():
-                engine, raw = prefill(rows)
-                logits = combine(raw)
-                while True:
-                    batch_rows, B = state["rows"], state["B"]
-                    tokens = torch.empty(B, dtype=torch.long, device=self.device)
-                    greedy = state["greedy"]
-                    if len(greedy):
-                        tokens[greedy] = logits[greedy].argmax(dim=-1)
-                    for i in state["sampled"]:
-                        r = batch_rows[i]
-                        ids = torch.tensor([r.prompt_ids + r.new_ids], dtype=torch.long, device=self.device)
-                        scores = r._processors(ids, logits[i:i + 1])
-                        probs = torch.softmax(scores, dim=-1)
-                        tokens[i] = torch.multinomial(probs, num_samples=1, generator=r._generator)[0, 0]
-                    for r in batch_rows:  # cancelled rows stop here, before their token counts
-                        if r.finish_reason is None and r.cancelled.is_set():
-                            r.finish_reason = FINISH_CANCELLED
-                            self.stats["rows_cancelled"] += 1
-                    active = [r.finish_reason is None for r in batch_rows]
-                    tokens = torch.where(torch.tensor(active, device=self.device), tokens, pad_t)
-                    is_eos = torch.isin(tokens, eos_t).tolist() if eos_t is not None else [False] * B
-                    token_list = tokens.tolist()
-                    for i, r in enumerate(batch_rows):
-                        if not active[i]:
-                            continue
-                        r.new_ids.append(token_list[i])
-                        self.stats["tokens"] += 1
-                        out_of_budget = len(r.new_ids) >= r.max_new_tokens
-                        delta, hit = r._text.update(r, final=is_eos[i] or out_of_budget)
-                        if delta:
-                            r.emit(("delta", delta))
-                        if is_eos[i] or hit or out_of_budget:
-                            r.finish_reason = FINISH_STOP if (is_eos[i] or hit) else FINISH_LENGTH
-                            r.emit(("done", r.finish_reason, len(r.new_ids)))
-                    live = [i for i, r in enumerate(batch_rows) if r.finish_reason is None]
-                    joining = []
-                    if admit is not None and hasattr(engine, "adopt") and engine.can_adopt():
-                        joining = admit(fits, self.max_rows - len(live)) if self.max_rows > len(live) else []
-                        everyone.extend(joining)
-                    if not live and not joining:
-                        break
-                    raw = engine.step(tokens) if live else None
-                    if joining:  # continuous batching: the live rows and the newcomers continue as one batch
-                        for r in joining:
-                            prepare(r)
-                        fresh, fresh_raw = prefill(joining)
-                        # closed before the merged engine is built: an engine's contexts (the base
-                        # engine's disable_adapter) do not nest; adopt() reads only their tensors
-                        fresh.close()
-                        engine.close()
-                        kept = [batch_rows[i] for i in live]
-                        budget = max(r.max_new_tokens - len(r.new_ids) for r in kept + joining)
-                        merged = new_engine(len(kept) + len(joining))
-                        merged.adopt(([(engine, live)] if live else []) + [(fresh, list(range(len(joining))))],
-                                     max(engine.length, fresh.length) + budget + 1)
-                        def join(old, new):  # one branch's logits: the live rows' next, then the newcomers' first
-                            if old is None:
-                                return new
-                            return torch.cat([old.index_select(0, torch.tensor(live, device=old.device)), new])
 
-                        raw = [join(x, y) for x, y in zip(raw if raw is not None else [None] * len(fresh_raw), fresh_raw)]
-                        engine = merged
-                        setup(kept + joining)
-                        self.stats["rows"] += len(joining)
-                        self.stats["rows_joined_running_batch"] += len(joining)
-                        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], state["B"])
-                    logits = combine(raw)
+        def joining(n_live: int):
+            if admit is None or plan.stack is not None or self.max_rows <= n_live:
+                return []
+            taken = admit(plan.fits, self.max_rows - n_live)
+            everyone.extend(taken)
+            self.stats["rows"] += len(taken)
+            self.stats["rows_joined_running_batch"] += len(taken)
+            self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], n_live + len(taken))
+            return [self._decoding(r) for r in taken]
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            G.decode(self._new_engine(plan), [self._decoding(r) for r in rows], eos=self.eos, pad_id=self.pad_id,
+                     device=self.device, admit=joining)
         except BaseException as exc:
             for r in everyone:
                 if r.finish_reason is None:
@@ -384,10 +233,78 @@ class BatchDecoder:
                     r.emit(("error", f"decoding failed: {type(exc).__name__}: {exc}"))
             raise
         finally:
-            if engine is not None:
-                engine.close()
             if was_training:
                 self.model.train()
+
+
+@dataclass
+class _Plan:
+    """One batch's adapter and the rules that follow from it: each row's settings key, how a key's
+    logits are composed, and which waiting rows may join."""
+
+    adapter: str | None
+    settings: object  # the adapter's QAdapterSettings (a stack: its last adapter's); None: base only
+    stack: object  # the served QAdapterStack, or None
+    adapter_only: bool = False
+
+    def key(self, r: Row):
+        """A row's settings: None = the base model, else (α0, α̃) (a stack: its strengths)."""
+        return r.strengths if self.stack is not None and r.adapter is not None else r.alphas
+
+    def one_branch(self, alphas) -> bool:
+        """Whether the adapter branch alone decodes a customized row at these α's."""
+        return G.one_branch("customized", alphas[0], self.settings.parameterization, self.settings.q_scale)
+
+    def compose_one(self, key, *branches):
+        """The logits of rows with settings ``key`` from their raw branches."""
+        if self.stack is not None:  # branches z_0..z_k, or z_k alone
+            return branches[0] if key is None or self.adapter_only else stack_logits(branches, key)
+        q, base = branches
+        if key is None:
+            return base
+        if base is None:
+            return adapter_only_logits(q, self.settings.parameterization, self.settings.q_scale, key[1])
+        return customized_logits(q, base, parameterization=self.settings.parameterization,
+                                 q_scale=self.settings.q_scale, alpha_0=key[0], alpha_tilde=key[1])
+
+    def fits(self, r: Row) -> bool:
+        """Whether a waiting row can join this batch: the same engine serves it."""
+        if r.cancelled.is_set() or self.stack is not None:
+            return False
+        if self.adapter is None or r.adapter is None:
+            return r.adapter is None and (self.adapter is None or not self.adapter_only)
+        return r.adapter == self.adapter and (not self.adapter_only or self.one_branch(r.alphas))
+
+
+class _Decoding(G.DecodeRow):
+    """A request row in the decode-step loop: its text is streamed as it becomes final, it ends at
+    end-of-turn, a stop string or its budget, and stops when its client went away."""
+
+    def __init__(self, row: Row, sampler, text: _Text, stats):
+        super().__init__(row.prompt_ids, row.max_new_tokens, None, sampler)
+        self.row, self.text, self.stats = row, text, stats
+        self.new_ids = row.new_ids  # the row's own list: what it decoded so far
+
+    def cancelled(self) -> bool:
+        if self.row.finish_reason is None and self.row.cancelled.is_set():
+            self.row.finish_reason = FINISH_CANCELLED
+            self.stats["rows_cancelled"] += 1
+            return True
+        return False
+
+    def accept(self, token: int, is_eos: bool) -> bool:
+        r = self.row
+        r.new_ids.append(token)
+        self.stats["tokens"] += 1
+        out_of_budget = len(r.new_ids) >= r.max_new_tokens
+        delta, hit = self.text.update(r, final=is_eos or out_of_budget)
+        if delta:
+            r.emit(("delta", delta))
+        if is_eos or hit or out_of_budget:
+            r.finish_reason = FINISH_STOP if (is_eos or hit) else FINISH_LENGTH
+            r.emit(("done", r.finish_reason, len(r.new_ids)))
+            return True
+        return False
 
 
 class Scheduler:
