@@ -148,7 +148,7 @@ class Engine:
             return base
         if self.policy == "adapter":
             return q
-        if base is None:  # one branch suffices (_one_branch): π̃'s logits up to a per-row constant
+        if base is None:  # one branch suffices (one_branch): π̃'s logits up to a per-row constant
             return adapter_only_logits(q, self.parameterization, self.q_scale, self.alpha_tilde)
         return customized_logits(q, base, parameterization=self.parameterization, q_scale=self.q_scale,
                                  alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)

@@ -101,7 +101,7 @@ def customized_logits(adapter_logits: torch.Tensor, base_logits: torch.Tensor, *
 
 def adapter_only_logits(q: torch.Tensor, parameterization: str, q_scale: float, alpha_tilde: float) -> torch.Tensor:
     """π̃'s logits, up to a per-row constant, from the adapter logits alone, where they suffice
-    (:func:`qadapter.generation._one_branch`): zθ/α̃ (a full Q̂ with α0 = 0) or (q_scale/α̃)·zθ (a
+    (:func:`qadapter.generation.one_branch`): zθ/α̃ (a full Q̂ with α0 = 0) or (q_scale/α̃)·zθ (a
     residual Q̂ with α0 = q_scale). (..., V) -> (..., V)."""
     if parameterization == "full":
         return q if alpha_tilde == 1.0 else q / alpha_tilde
