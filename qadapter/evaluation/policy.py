@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
