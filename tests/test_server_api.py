@@ -299,3 +299,59 @@ def test_lm_eval_local_completions_loglikelihoods_equal_the_scorer(server, serve
     for (ll, greedy), w, g in zip(got, want.logprobs["customized"], want.greedy["customized"]):
         assert math.isfinite(ll) and ll == pytest.approx(w, abs=1e-4)
         assert greedy == g
+
+
+def test_logprobs_while_other_adapters_decode(client, served, qas):
+    """Log-probs stay exact while requests to another adapter decode at the same time (the decoder
+    switches the PEFT adapter). A smoke test: the tiny model's race window is too small for it to
+    catch a scorer that did not wait; the next test checks the waiting itself."""
+    import concurrent.futures
+
+    from qadapter.chat import encode_prompt
+
+    text = "w3 w1 w4"
+    prompt = encode_prompt(served.tokenizer, text, raw_text=True)
+
+    def scored():
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+        return out.choices[0].logprobs.token_logprobs
+
+    def other():
+        return client.chat.completions.create(model="tiny-full", messages=USER, max_tokens=24, temperature=1.0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        busy = [pool.submit(other) for _ in range(4)]
+        got = [pool.submit(scored) for _ in range(4)]
+        assert all(f.result().choices[0].finish_reason in ("stop", "length") for f in busy)
+        got = [f.result() for f in got]
+    ref = reference_logprobs(qas["tiny"], prompt, "tiny")
+    want = [ref[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
+    for lps in got:
+        assert lps[1:] == pytest.approx(want, abs=1e-4)
+
+
+def test_scoring_waits_until_the_decoder_is_between_batches(server):
+    """While the decoder runs a batch (``running > 0``) a logprobs request is not scored; it is as
+    soon as the batch ends (the decoder's end-of-batch notify)."""
+    import concurrent.futures
+    import time
+
+    sched = server[1].state.scheduler
+    body = {"model": "tiny", "prompt": [1, 10, 11], "max_tokens": 0, "echo": True, "logprobs": 0}
+    with sched.cv:
+        assert sched.running == 0
+        sched.running = 1  # what the decoder sets while it decodes a batch
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, server[0] + "/v1/completions", json=body, timeout=30)
+            time.sleep(1.0)
+            assert not answer.done()
+            with sched.cv:
+                sched.running = 0
+                sched.cv.notify_all()
+            r = answer.result(timeout=20)
+    finally:
+        with sched.cv:
+            sched.running = 0
+            sched.cv.notify_all()
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == 3
