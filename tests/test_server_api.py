@@ -166,7 +166,9 @@ def test_n_sampled_choices_are_indexed_seeded_and_summed(client):
     assert many.choices[0].message.content == one.choices[0].message.content  # choice j samples with seed + j
     assert len({c.message.content for c in many.choices}) > 1
     assert many.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt is counted once
-    assert many.usage.completion_tokens == sum(len(c.logprobs.content) for c in many.choices)
+    # the end-of-turn token is counted in usage, not listed in logprobs (as OpenAI lists them)
+    assert many.usage.completion_tokens == sum(len(c.logprobs.content) + (c.finish_reason == "stop")
+                                               for c in many.choices)
 
 
 def test_n_greedy_gives_identical_copies_like_openai(client):
@@ -202,6 +204,8 @@ def test_completion_echo_logprobs_equal_the_reference_policy(client, served, qas
     _, new = qas["tiny"].generate([text], return_ids=True, max_new_tokens=4, raw_text=True,
                                   **({"policy": "base"} if model == "tiny-base" else extra))
     ids = prompt + list(new[0])
+    if choice.finish_reason == "stop" and ids[-1] == served.tokenizer.eos_token_id:
+        ids = ids[:-1]  # the end-of-turn token ends the answer and is not listed
     assert len(lp.tokens) == len(ids) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert "".join(lp.tokens) == choice.text and lp.text_offset[-1] == len(choice.text) - len(lp.tokens[-1])
@@ -226,8 +230,8 @@ def test_chat_logprobs_and_top_logprobs(client, served, qas):
     out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=1.0, seed=3,
                                          logprobs=True, top_logprobs=3, extra_body={"strength": 2.0})
     content = out.choices[0].logprobs.content
-    assert "".join(c.token for c in content) == out.choices[0].message.content or content[-1].token == "<|im_end|>"
-    assert len(content) == out.usage.completion_tokens
+    assert "".join(c.token for c in content) == out.choices[0].message.content
+    assert len(content) == out.usage.completion_tokens - (out.choices[0].finish_reason == "stop")
     prompt = encode_prompt(served.tokenizer, USER)
     ids = prompt + [served.tokenizer.convert_tokens_to_ids(c.token) for c in content]
     ref = reference_logprobs(qas["tiny"], ids, "tiny", 2.0)
@@ -244,6 +248,19 @@ def test_chat_logprobs_and_top_logprobs(client, served, qas):
     assert all(c.top_logprobs == [] for c in plain.choices[0].logprobs.content)
     off = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
     assert off.choices[0].logprobs is None
+
+
+def test_logprobs_list_the_tokens_of_the_text_returned_before_a_stop_string(client):
+    full = client.completions.create(model="tiny", prompt="w1 w2", max_tokens=8, temperature=0, logprobs=1)
+    tokens = full.choices[0].logprobs.tokens
+    assert "".join(tokens) == full.choices[0].text and len(tokens) >= 4
+    stop = tokens[2] + tokens[3]
+    assert full.choices[0].text.find(stop) == len(tokens[0] + tokens[1])  # the stop string's first place
+    cut = client.completions.create(model="tiny", prompt="w1 w2", max_tokens=8, temperature=0, logprobs=1, stop=[stop])
+    choice = cut.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == tokens[0] + tokens[1]
+    assert choice.logprobs.tokens == tokens[:2]
+    assert choice.logprobs.token_logprobs == pytest.approx(full.choices[0].logprobs.token_logprobs[:2], abs=1e-6)
 
 
 def test_echo_with_max_tokens_zero_scores_the_prompt_only(client, served, qas):

@@ -300,7 +300,7 @@ async def _complete(service: Service, request, kind: str):
             raise APIError(503, "the server is shutting down", type="server_error", code="unavailable",
                            headers={"Retry-After": str(sched.retry_after())})
         raise APIError(499, "the client closed the request", code="cancelled")
-    scored = await score_rows(service.served, sched, req, rows) if req.logprobs is not None else None
+    scored = await score_rows(service.served, sched, req, rows, texts) if req.logprobs is not None else None
     choices = []
     for i, r in enumerate(rows):
         if chat:

@@ -32,30 +32,45 @@ class Scored:
     prompt_len: int  # how many of ``ids`` are the prompt's (0 without echo)
 
 
-def _requests(req, rows):
+def answer_ids(served, row, text: str) -> list[int]:
+    """The tokens of the answer as returned: a row that stopped (end-of-turn token or a stop string)
+    reports the fewest tokens whose text covers the answer's, so neither the end-of-turn token nor
+    the tokens of a stop string past the text are listed (as OpenAI lists them); else all."""
+    ids = list(row.new_ids)
+    if row.finish_reason != "stop":
+        return ids
+    with served.tokenizer_lock:
+        for k in range(len(ids) + 1):
+            if len(served.tokenizer.decode(ids[:k], skip_special_tokens=True)) >= len(text):
+                return ids[:k]
+    return ids
+
+
+def _requests(req, rows, answers):
     out = []
-    for r in rows:
+    for r, answer in zip(rows, answers):
         if req.echo:  # the first prompt token has no context: it gets no log-prob (OpenAI's None)
-            out.append((r.prompt_ids[:1], r.prompt_ids[1:] + r.new_ids))
+            out.append((r.prompt_ids[:1], r.prompt_ids[1:] + answer))
         else:
-            out.append((r.prompt_ids, list(r.new_ids)))
+            out.append((r.prompt_ids, answer))
     return out
 
 
-def _score_now(served, req, rows) -> list[Scored]:
+def _score_now(served, req, rows, texts) -> list[Scored]:
     model = served.model
     kwargs = {"policies": ("base",)}
     if req.adapter is not None:
         adapter = served.adapters[req.adapter]
         model.set_adapter(adapter.peft_name)
         kwargs = {"settings": adapter.settings, "policies": (), "alphas": [req.alphas]}
-    scores = score(model, _requests(req, rows), pad_token_id=served.tokenizer.pad_token_id or 0, allow_empty=True,
+    answers = [answer_ids(served, r, text) for r, text in zip(rows, texts)]
+    scores = score(model, _requests(req, rows, answers), pad_token_id=served.tokenizer.pad_token_id or 0, allow_empty=True,
                    top_logprobs=req.logprobs, **kwargs)
     name = scores.names[0]
     out = []
     for i, r in enumerate(rows):
         lead = r.prompt_ids[:1] if req.echo else []
-        ids = lead + (r.prompt_ids[1:] if req.echo else []) + list(r.new_ids)
+        ids = lead + (r.prompt_ids[1:] if req.echo else []) + answers[i]
         out.append(Scored(ids, [None] * len(lead) + scores.token_logprobs[name][i],
                           [None] * len(lead) + scores.top_logprobs[name][i], len(r.prompt_ids) if req.echo else 0))
     return out
@@ -68,9 +83,10 @@ def _while_idle(sched, fn):
         return fn()
 
 
-async def score_rows(served, sched, req, rows) -> list[Scored]:
-    """The tokens and log-probs of every finished row of ``req``, scored off the event loop."""
-    return await asyncio.to_thread(_while_idle, sched, lambda: _score_now(served, req, rows))
+async def score_rows(served, sched, req, rows, texts) -> list[Scored]:
+    """The tokens and log-probs of every finished row of ``req`` (whose answers are ``texts``),
+    scored off the event loop."""
+    return await asyncio.to_thread(_while_idle, sched, lambda: _score_now(served, req, rows, texts))
 
 
 def _piece(served, ids) -> list[str]:
