@@ -67,7 +67,10 @@ class Scores:
     ``logprobs[name]``: Σ_t log π(y_t | x, y_<t); ``greedy[name]``: whether argmax decoding under π
     reproduces y (only with ``greedy=True``); ``kl[name]``: Σ_t KL at the scored states (only with
     ``kl=...``); ``n_tokens``: the number of scored tokens; ``alphas[name]``: the (α0, α̃) of a
-    customized policy (None for ``base`` / ``adapter``).
+    customized policy (None for ``base`` / ``adapter``). With ``top_logprobs=k``:
+    ``token_logprobs[name][i]``: log π(y_t | x, y_<t) for each token t of request i, and
+    ``top_logprobs[name][i][t]``: the k most likely tokens there as ``(token id, log π)``, most
+    likely first (what OpenAI's ``logprobs`` / ``top_logprobs`` report).
     """
 
     logprobs: dict[str, list[float]]
@@ -75,6 +78,8 @@ class Scores:
     greedy: dict[str, list[bool]] | None = None
     kl: dict[str, list[float]] | None = None
     alphas: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    token_logprobs: dict[str, list[list[float]]] | None = None
+    top_logprobs: dict[str, list[list[list[tuple[int, float]]]]] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -297,7 +302,8 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
           alphas: Sequence[tuple[float, float]] = (), greedy: bool = False, kl: str | None = None,
           reference: tuple[Any, str] | None = None, pad_token_id: int = 0, max_length: int | None = None,
           batch_size: int = 8, batch_tokens: int = 8192, share_prompt: bool = True, one_forward: bool = True,
-          allow_empty: bool = False, progress: bool = False, desc: str = "scoring") -> Scores:
+          allow_empty: bool = False, progress: bool = False, desc: str = "scoring",
+          top_logprobs: int | None = None) -> Scores:
     """log π(continuation | context) for each ``(context_ids, continuation_ids)`` request, summed
     over the continuation's tokens, under every requested policy, from one forward per batch.
 
@@ -320,34 +326,17 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
         share_prompt, one_forward: the two savings; off, the scorer runs one row per request and
             two passes (same numbers, for comparisons).
         allow_empty: an empty continuation scores 0 (an empty product) instead of raising.
+        top_logprobs: also each token's log-probability and the ``top_logprobs`` most likely
+            tokens at each scored state (0: the tokens' log-probabilities only), per policy.
     Returns:
         :class:`Scores`.
     """
     specs = policy_specs(settings, policies, strengths, alphas)
     if kl is not None and kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be one of {KL_DIRECTIONS} or None, got {kl!r}")
-    customized = any(s[0] == "customized" for s in specs.values())
-    if customized and not is_peft(model):
-        raise ValueError("a customized policy needs a PEFT model (the adapter on and off)")
-    need: set[str] = set()
-    for spec in specs.values():
-        need |= {"base", "adapter"} if spec[0] == "customized" else {spec[0]}
-    if kl is not None and reference is None:
-        need.add("base")
-    if not is_peft(model):
-        need = {"base"}  # one branch: the model itself
-    plan = _plan(model, need, one_forward)
-    head = projection_head(model)
-    models = [model]
-    ref_plan = ref_head = None
-    if reference is not None:
-        ref_model, ref_branch = reference
-        if ref_branch not in ("base", "adapter"):
-            raise ValueError(f"reference branch must be 'base' or 'adapter', got {ref_branch!r}")
-        ref_plan = _plan(ref_model, {ref_branch} if is_peft(ref_model) else {"base"}, one_forward)
-        ref_head = projection_head(ref_model)
-        models.append(ref_model)
-
+    if top_logprobs is not None and top_logprobs < 0:
+        raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+    models, plans, heads = _models(model, specs, kl, reference, one_forward)
     requests = list(requests)
     groups = _prepare(requests, max_length, share_prompt, allow_empty)
     longest = max((len(g[0]) + sum(len(c) - 1 for _, c in g[1]) for g in groups), default=0)
@@ -359,11 +348,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
     dtype = next(inner_model(model).parameters()).dtype
 
     n = len(requests)
-    sums = {name: torch.zeros(n, dtype=torch.float64) for name in specs}
-    misses = {name: torch.zeros(n, dtype=torch.long) for name in specs} if greedy else None
-    kls = {name: torch.zeros(n, dtype=torch.float64) for name in specs} if kl is not None else None
-    n_tokens = torch.zeros(n, dtype=torch.long)
-
+    tally = _Tally(specs, n, greedy, kl, top_logprobs)
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
@@ -374,45 +359,27 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
     try:
         for groups_b in _batches(groups, batch_size, batch_tokens):
             batch = _layout(groups_b, pad_token_id, kind, dtype, device)
-            states = _states(model, plan, batch, head)
+            states = _states(model, plans[0], batch, heads[0])
             ref_states = None
             if reference is not None:
                 ref_model, ref_branch = reference
-                ref_out = _states(ref_model, ref_plan, _moved(batch, ref_model), ref_head)
+                ref_out = _states(ref_model, plans[1], _moved(batch, ref_model), heads[1])
                 ref_states = ref_out[ref_branch if is_peft(ref_model) else "base"]
             owner = batch.owner.cpu()
-            n_tokens.index_add_(0, owner, torch.ones_like(owner))
+            tally.n_tokens.index_add_(0, owner, torch.ones_like(owner))
             for start in range(0, batch.actions.shape[0], STATE_CHUNK):
                 rows = slice(start, start + STATE_CHUNK)
-                who = owner[rows]
-                actions = batch.actions[rows]
-                z = {b: _project(t[rows], head) for b, t in states.items()}
-                log_pi1 = F.log_softmax(z["base"], dim=-1) if "base" in z else None
-                q = None
+                z = {b: _project(t[rows], heads[0]) for b, t in states.items()}
                 ref_lp = None
                 if ref_states is not None:
-                    ref_lp = F.log_softmax(_project(ref_states[rows], ref_head).to(actions.device), dim=-1)
+                    ref_lp = F.log_softmax(_project(ref_states[rows], heads[1]).to(batch.actions.device), dim=-1)
                     if ref_lp.shape[-1] != z["base" if "base" in z else "adapter"].shape[-1]:
                         raise ValueError(f"vocabulary sizes differ ({ref_lp.shape[-1]} vs the model's): "
                                          "the reference must share the tokenizer")
-                for name, spec in specs.items():
-                    if spec[0] == "base":
-                        lp = log_pi1
-                    elif spec[0] == "adapter":
-                        lp = F.log_softmax(z["adapter"], dim=-1) if is_peft(model) else log_pi1
-                    else:
-                        if q is None:
-                            q = q_values(z["adapter"], z["base"], settings.parameterization, settings.q_scale)
-                        lp = F.log_softmax(composed_logits(q, log_pi1, spec[1], spec[2]), dim=-1)
-                    sums[name].index_add_(0, who, lp.gather(-1, actions[:, None]).squeeze(-1).double().cpu())
-                    if misses is not None:
-                        misses[name].index_add_(0, who, (lp.argmax(-1) != actions).long().cpu())
-                    if kls is not None:
-                        other = ref_lp if ref_lp is not None else log_pi1
-                        a, b = (lp, other) if kl == "policy||base" else (other, lp)
-                        kls[name].index_add_(0, who, (a.exp() * (a - b)).sum(-1).clamp_min(0.0).double().cpu())
+                for name, lp, log_pi1 in _policies(model, specs, z, settings):
+                    tally.add(name, owner[rows], batch.actions[rows], lp, ref_lp if ref_lp is not None else log_pi1)
                     del lp
-                del z, log_pi1, q, ref_lp
+                del z, ref_lp
             if bar is not None:
                 bar.update(sum(len(g[1]) for g in groups_b))
         if bar is not None:
@@ -422,10 +389,87 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, set
             m.train(t)
         if bar is not None:
             bar.close()
-    return Scores(logprobs={k: v.tolist() for k, v in sums.items()}, n_tokens=n_tokens.tolist(),
-                  greedy={k: (v == 0).tolist() for k, v in misses.items()} if misses is not None else None,
-                  kl={k: v.tolist() for k, v in kls.items()} if kls is not None else None,
-                  alphas={k: (s[1], s[2]) if s[0] == "customized" else None for k, s in specs.items()})
+    return tally.scores(specs)
+
+
+def _models(model, specs, kl, reference, one_forward):
+    """([model, reference model?], their plans, their projection heads), checking the combination."""
+    customized = any(s[0] == "customized" for s in specs.values())
+    if customized and not is_peft(model):
+        raise ValueError("a customized policy needs a PEFT model (the adapter on and off)")
+    need: set[str] = set()
+    for spec in specs.values():
+        need |= {"base", "adapter"} if spec[0] == "customized" else {spec[0]}
+    if kl is not None and reference is None:
+        need.add("base")
+    if not is_peft(model):
+        need = {"base"}  # one branch: the model itself
+    models, plans, heads = [model], [_plan(model, need, one_forward)], [projection_head(model)]
+    if reference is not None:
+        ref_model, ref_branch = reference
+        if ref_branch not in ("base", "adapter"):
+            raise ValueError(f"reference branch must be 'base' or 'adapter', got {ref_branch!r}")
+        plans.append(_plan(ref_model, {ref_branch} if is_peft(ref_model) else {"base"}, one_forward))
+        heads.append(projection_head(ref_model))
+        models.append(ref_model)
+    return models, plans, heads
+
+
+def _policies(model, specs, z, settings):
+    """(name, log π over the vocabulary, log π1) of every policy at a chunk of scored states."""
+    log_pi1 = F.log_softmax(z["base"], dim=-1) if "base" in z else None
+    q = None
+    for name, spec in specs.items():
+        if spec[0] == "base":
+            lp = log_pi1
+        elif spec[0] == "adapter":
+            lp = F.log_softmax(z["adapter"], dim=-1) if is_peft(model) else log_pi1
+        else:
+            if q is None:
+                q = q_values(z["adapter"], z["base"], settings.parameterization, settings.q_scale)
+            lp = F.log_softmax(composed_logits(q, log_pi1, spec[1], spec[2]), dim=-1)
+        yield name, lp, log_pi1
+
+
+class _Tally:
+    """What :func:`score` sums per request (and, with ``top``, keeps per token) as chunks are read."""
+
+    def __init__(self, specs, n: int, greedy: bool, kl: str | None, top: int | None):
+        self.kl, self.top = kl, top
+        self.sums = {name: torch.zeros(n, dtype=torch.float64) for name in specs}
+        self.misses = {name: torch.zeros(n, dtype=torch.long) for name in specs} if greedy else None
+        self.kls = {name: torch.zeros(n, dtype=torch.float64) for name in specs} if kl is not None else None
+        self.n_tokens = torch.zeros(n, dtype=torch.long)
+        # per chunk (owner, token log-prob, top ids, top log-probs); in order, a request's tokens in order
+        self.parts: dict[str, list] | None = {name: [] for name in specs} if top is not None else None
+
+    def add(self, name, who, actions, lp, other) -> None:
+        chosen = lp.gather(-1, actions[:, None]).squeeze(-1)
+        self.sums[name].index_add_(0, who, chosen.double().cpu())
+        if self.misses is not None:
+            self.misses[name].index_add_(0, who, (lp.argmax(-1) != actions).long().cpu())
+        if self.kls is not None:
+            a, b = (lp, other) if self.kl == "policy||base" else (other, lp)
+            self.kls[name].index_add_(0, who, (a.exp() * (a - b)).sum(-1).clamp_min(0.0).double().cpu())
+        if self.parts is not None:
+            values, ids = lp.topk(self.top, dim=-1) if self.top else (lp[:, :0], actions[:, None][:, :0])
+            self.parts[name].append((who, chosen.cpu(), ids.cpu(), values.cpu()))
+
+    def scores(self, specs) -> Scores:
+        tokens = tops = None
+        if self.parts is not None:
+            tokens, tops = {}, {}
+            for name, parts in self.parts.items():
+                tokens[name], tops[name] = [[] for _ in range(len(self.n_tokens))], [[] for _ in self.n_tokens]
+                for who, chosen, ids, values in parts:
+                    for w, c, i, v in zip(who.tolist(), chosen.tolist(), ids.tolist(), values.tolist()):
+                        tokens[name][w].append(c)
+                        tops[name][w].append(list(zip(i, v)))
+        return Scores(logprobs={k: v.tolist() for k, v in self.sums.items()}, n_tokens=self.n_tokens.tolist(),
+                      greedy={k: (v == 0).tolist() for k, v in self.misses.items()} if self.misses is not None else None,
+                      kl={k: v.tolist() for k, v in self.kls.items()} if self.kls is not None else None,
+                      alphas={k: (s[1], s[2]) if s[0] == "customized" else None for k, s in specs.items()},
+                      token_logprobs=tokens, top_logprobs=tops)
 
 
 def _moved(batch: _Batch, other_model) -> _Batch:

@@ -106,3 +106,46 @@ def test_playground_in_headless_chromium(tmp_path):
             assert app.state.scheduler.snapshot()["rows"] >= 2
     finally:
         driver.quit()
+
+
+def test_playground_with_an_api_key(tmp_path):
+    """With ``--api-key`` the page takes the key from ``/#key=...`` or asks for it at the first 401,
+    and its API calls (models, streamed chats) carry it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from qadapter.server import ServedModels
+
+    served = ServedModels.load(save_adapters(tmp_path / "adapters"))
+    driver = browser()
+    key = "sk-browser-test"
+    try:
+        with running_server(served, max_tokens_cap=64, api_key=key) as (url, app):
+            wait = WebDriverWait(driver, 60)
+            driver.get(url + "/")  # no key yet: the page asks for it
+            alert = wait.until(lambda d: _alert(d))
+            alert.send_keys(key)
+            alert.accept()
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "adapter")).options) == 2)
+            driver.execute_script("sessionStorage.clear()")
+            driver.get("about:blank")  # a fresh load below, not a same-page fragment change
+            driver.get(url + "/#key=" + key)  # the key in the fragment: no question
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "adapter")).options) == 2)
+            assert "key=" not in driver.current_url  # the page removes it from the address
+            driver.find_element(By.ID, "prompt").send_keys("w1 w2 w3")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+            assert driver.find_element(By.ID, "status").text == "Done."
+            assert driver.find_element(By.ID, "custom-output").get_property("textContent")
+            assert app.state.scheduler.snapshot()["rows"] >= 2
+    finally:
+        driver.quit()
+
+
+def _alert(driver):
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return driver.switch_to.alert
+    except NoAlertPresentException:
+        return False

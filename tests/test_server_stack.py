@@ -119,6 +119,7 @@ def test_stack_rows_share_a_batch_with_other_models_and_keep_their_answers(serve
     ({"strengths": [1.0, float("nan")]}, "strengths[1]", "finite"),
     ({"strengths": [1.0, 1.0], "strength": 2}, "strengths", "not both"),
     ({"alpha_0": 0.5}, "alpha_0", "stack"),
+    ({"logprobs": True}, "logprobs", "a stack"),
 ])
 def test_bad_stack_strengths_are_400s_naming_the_field(server, body, param, words):
     r = httpx.post(server[0] + "/v1/chat/completions", timeout=30,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "serve Q-Adapters over an OpenAI-compatible HTTP API, with a web playground"
@@ -36,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="waiting requests start only when the running batch has ended (default: they join it "
                              "between two tokens)")
     parser.add_argument("--max-tokens-cap", type=int, default=512, help="the largest max_tokens a request may ask (512)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on every route but /health and the playground's "
+                             "static files (default: the QADAPTER_API_KEY environment variable; unset: no key; "
+                             "prefer the variable: a flag shows in the process list)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
@@ -51,15 +56,21 @@ def run(args) -> int:
     if args.batch_wait_ms < 0:
         print(f"qadapter serve: --batch-wait-ms must be >= 0, got {args.batch_wait_ms}", file=sys.stderr)
         return 2
+    api_key = args.api_key if args.api_key is not None else os.environ.get("QADAPTER_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        print("qadapter serve: --api-key must not be empty", file=sys.stderr)
+        return 2
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         print(f"qadapter serve: adapter names must be distinct, got {names}", file=sys.stderr)
         return 2
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        print("qadapter serve needs FastAPI and uvicorn: pip install 'qadapter[serve]'", file=sys.stderr)
+        print("qadapter serve needs FastAPI, uvicorn and prometheus_client: pip install 'qadapter[serve]'",
+              file=sys.stderr)
         return 2
     import torch
 
@@ -77,8 +88,9 @@ def run(args) -> int:
         return 2
 
     def ready(url):
-        print(f"qadapter serve: {', '.join(served.names())} on {url}/v1 (playground: {url}/)", flush=True)
+        print(f"qadapter serve: {', '.join(served.names())} on {url}/v1 (playground: {url}/"
+              + ("; the API needs the key: the playground asks for it" if api_key else "") + ")", flush=True)
 
     return serve(served, host=args.host, port=args.port, log_level=args.log_level, on_ready=ready,
                  max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000,
-                 max_tokens_cap=args.max_tokens_cap, continuous=args.continuous)
+                 max_tokens_cap=args.max_tokens_cap, continuous=args.continuous, api_key=api_key)

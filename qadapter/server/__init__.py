@@ -8,6 +8,9 @@
 * :mod:`.batching`  the decoder thread: dynamic batching of concurrent requests, per-row settings
 * :mod:`.protocol`  the OpenAI request schemas, validated field by field, and the response shapes
 * :mod:`.app`       the FastAPI routes, server-sent events, errors, the playground at ``/``
+* :mod:`.auth`      the optional API key (``Authorization: Bearer``)
+* :mod:`.metrics`   ``/metrics`` in Prometheus' text format
+* :mod:`.logprobs`  ``logprobs`` / ``top_logprobs`` / ``echo``, scored after decoding by :mod:`qadapter.scoring`
 """
 
 from .models import ServedModels

@@ -30,8 +30,10 @@ IGNORED_IF_OFF = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0
                   "parallel_tool_calls": (None, False, True), "metadata": (None, {}), "store": (None, False),
                   "service_tier": (None, "auto", "default"), "echo": (None, False), "best_of": (None, 1),
                   "suffix": (None,)}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
+#: OpenAI's largest top_logprobs (chat) and logprobs (completions) are 20 and 5; this server takes 20 for both
+MAX_TOP_LOGPROBS = 20
 
 
 class APIError(Exception):
@@ -138,6 +140,9 @@ class DecodeRequest:
     alphas: tuple[float, float] | None
     strength: float | None
     strengths: tuple[float, ...] | None = None  # a stack's per-adapter strengths (then alphas is None)
+    n: int = 1  # choices per prompt
+    logprobs: int | None = None  # None: none; else how many top alternatives per token (0: the chosen token's only)
+    echo: bool = False  # completions: the prompt's tokens (and their log-probs) come before the answer's
 
 
 @dataclass
@@ -323,8 +328,6 @@ def validate(body: dict, kind: str, served, limits: Limits) -> DecodeRequest:
         raise APIError(404, f"the model {shown!r} does not exist here: use one of {', '.join(served.names())} "
                        "(GET /v1/models)", param="model", code="model_not_found")
     adapter = None if model == served.base_name else model
-    n = _integer(body, "n", 1, 1, default=1, hint=" (this server returns one choice per prompt)")
-    del n
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -372,8 +375,15 @@ def validate(body: dict, kind: str, served, limits: Limits) -> DecodeRequest:
     if longest >= context:
         raise bad(prompt_field, f"the prompt is {longest} tokens; the model's context is {context} tokens, "
                   "which must also hold at least one new token", "context_length_exceeded")
+    n = _integer(body, "n", 1, limits.max_prompts, default=1, hint=" (this server's --max-batch)")
+    if n * len(prompts) > limits.max_prompts:
+        raise bad("n", f"n={n} choices for each of {len(prompts)} prompts is {n * len(prompts)} rows; this server "
+                  f"decodes at most {limits.max_prompts} per request")
+    logprobs, echo = _logprobs(body, kind, stream)
+    if logprobs is not None and strengths is not None:
+        raise bad("logprobs", f"logprobs are not available for {model!r}, a stack (the scorer scores one adapter)")
     cap = limits.max_tokens_cap
-    max_tokens = _integer(body, name, 1, cap, hint=" (this server's cap, --max-tokens-cap)")
+    max_tokens = _integer(body, name, 0 if echo else 1, cap, hint=" (this server's cap, --max-tokens-cap)")
     if max_tokens is None:
         max_tokens = min(cap, context - longest) if default is None else min(default, cap, context - longest)
     elif longest + max_tokens > context:
@@ -381,4 +391,25 @@ def validate(body: dict, kind: str, served, limits: Limits) -> DecodeRequest:
                   f"of {context} tokens (at most {context - longest} here)", "context_length_exceeded")
     return DecodeRequest(kind=kind, model=model, adapter=adapter, prompts=prompts, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, stream=stream,
-                         include_usage=include_usage, alphas=alphas, strength=strength, strengths=strengths)
+                         include_usage=include_usage, alphas=alphas, strength=strength, strengths=strengths, n=n,
+                         logprobs=logprobs, echo=echo)
+
+
+def _logprobs(body, kind: str, stream: bool) -> tuple[int | None, bool]:
+    """(how many top alternatives per token, or None for no log-probs; echo). Chat: ``logprobs``
+    (true/false) and ``top_logprobs`` (0-20, needs logprobs); completions: ``logprobs`` (an integer
+    0-20) and ``echo``. Neither streams: the log-probs are scored after the answer is complete."""
+    if kind == "chat":
+        on = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top and not on:
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+        count, echo = (top or 0) if on else None, False
+    else:
+        count = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        echo = _boolean(body, "echo")
+    if stream and count is not None:
+        raise bad("logprobs", "logprobs cannot be streamed by this server: send stream: false")
+    if stream and echo:
+        raise bad("echo", "echo cannot be streamed by this server: send stream: false")
+    return count, echo

@@ -7,6 +7,36 @@ let models = [];
 let baseName = null;
 let controller = null;
 
+// With `qadapter serve --api-key`, the API needs "Authorization: Bearer <key>". The page takes the key
+// from the address (`/#key=...`, never sent to the server as part of the URL) or asks for it at the first
+// 401, and keeps it in this tab's sessionStorage only.
+const KEY_STORE = "qadapter-api-key";
+(function keyFromHash() {
+  const match = /(?:^#|&)key=([^&]+)/.exec(window.location.hash);
+  if (match) {
+    sessionStorage.setItem(KEY_STORE, decodeURIComponent(match[1]));
+    history.replaceState(null, "", window.location.pathname);
+  }
+})();
+
+function authHeaders(extra) {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : { ...extra };
+}
+
+// fetch with the key; at a 401 ask for the key once and retry.
+async function apiFetch(url, options) {
+  let response = await fetch(url, { ...options, headers: authHeaders(options && options.headers) });
+  if (response.status === 401) {
+    const key = window.prompt("This server needs an API key (qadapter serve --api-key):");
+    if (key) {
+      sessionStorage.setItem(KEY_STORE, key.trim());
+      response = await fetch(url, { ...options, headers: authHeaders(options && options.headers) });
+    }
+  }
+  return response;
+}
+
 function setStatus(text, isError) {
   $("status").textContent = text;
   $("status").classList.toggle("error", Boolean(isError));
@@ -27,7 +57,7 @@ function syncStrength() {
 }
 
 async function loadModels() {
-  const response = await fetch("/v1/models");
+  const response = await apiFetch("/v1/models");
   const body = await response.json();
   models = body.data || [];
   const base = models.find((m) => m.qadapter && m.qadapter.kind === "base");
@@ -49,7 +79,7 @@ async function loadModels() {
 // One streamed chat completion; calls onText(delta) per piece; resolves to {finish, usage, ttft}.
 async function streamChat(payload, onText, signal) {
   const started = performance.now();
-  const response = await fetch("/v1/chat/completions", {
+  const response = await apiFetch("/v1/chat/completions", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ ...payload, stream: true, stream_options: { include_usage: true } }),
