@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_llama
+from conftest import byte_bpe_tokenizer, tiny_llama
 from qadapter.recipes.compare import (DEFAULT_LIMITS, Comparison, parse_limits, run_comparison, tradeoff,
                               write_results)
 from qadapter.evaluation import EvalResult, make_metric
@@ -19,26 +19,11 @@ from qadapter.recipes.compare.evaluations import ANSWER_METRICS
 from qadapter.recipes.config import JobArguments
 from qadapter.trainer import QAdapterConfig
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 METHODS = ["qadapter", "sft", "replay", "dpo"]
 
 
 def byte_level_tokenizer():
-    """A small byte-level BPE tokenizer (round-trips any text, so stop strings work) with ChatML;
-    pad = 0 and eos = 2, the special ids of conftest's tiny Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["Question: Answer: The answer is Q: A: user assistant w1 w2 w3 w4 w50 w51 w52"] * 4
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML)
+    return byte_bpe_tokenizer(["Question: Answer: The answer is Q: A: user assistant w1 w2 w3 w4 w50 w51 w52"] * 4)
 
 
 def conv(prompt, answer):
