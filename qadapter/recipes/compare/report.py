@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ...evaluation.stats import bootstrap_means
-from ...io import write_text_atomically
+from ...io import save_figure, write_text_atomically
 from .evaluations import (BENCHMARKS, PREFERENCE_COLUMNS, REPETITION_COLUMN, RETENTION_BENCHMARKS, WIN_RATE_COLUMN,
                           Column, item_scores)
 from .frontier import frontier_section, plot_frontier
@@ -290,7 +290,7 @@ def _plot(path: Path, trade: dict[str, dict], comparison: Comparison) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("Both sides of the trade-off (upper-left is better; bars: bootstrap 95% intervals)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 def train_command(train_argv: Sequence[str], spec: "MethodSpec | str", folder: Path) -> str:
     """The ``qadapter train`` command line that trains ``spec`` exactly as the comparison did."""
