@@ -20,6 +20,7 @@ from ..embedded import default_data_path, load_model, load_tokenizer, resolve_mo
 from ..evaluation.stats import preference_accuracy
 from ..io import write_json, write_jsonl
 from .config import JobArguments
+from .methods import METHOD_REGISTRY
 
 class StopAfterMinutes(TrainerCallback):
     """Ends training cleanly once a wall-clock budget is spent (checked after every step)."""
@@ -214,8 +215,6 @@ class TrainedPolicy:
 def train_policy(job: JobArguments, config, data: PreparedData, log=print) -> TrainedPolicy:
     """Train ``job.method`` on ``data.train`` and save the adapter (main process only) into
     ``OUTPUT_DIR/adapter``; the policy is a :class:`QAdapter` whatever the method."""
-    from ..trainer import QAdapterTrainer
-
     model = load_model(data.model_path, dtype=torch.float32)
     tokenizer, train_ids = data.tokenizer, data.train
     if job.on:
@@ -230,26 +229,9 @@ def train_policy(job: JobArguments, config, data: PreparedData, log=print) -> Tr
         callbacks.append(timer)
     out_dir = Path(config.output_dir) / "adapter"
     train_start = time.monotonic()
-    if job.method == "qadapter":
-        trainer = QAdapterTrainer(model, config, train_dataset=train_ids, processing_class=tokenizer,
-                                  base_model_name_or_path=job.model, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-        qadapter = trainer.qadapter()
-        save = qadapter.save_pretrained
-    else:
-        from ..modeling import QAdapter
-        from ..io import save_atomically
-        from ..settings import QAdapterSettings
-        from ..trainer.baselines import train_baseline
-
-        trainer = train_baseline(job.method, model, tokenizer, train_ids.select_columns(["prompt", "chosen", "rejected"]),
-                                 config, dpo_beta=job.dpo_beta, kl_weight=job.kl_weight, callbacks=callbacks,
-                                 log=log)
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        # The baseline's policy is its adapter model itself: a QAdapter with α0 = 0 and α̃ = 1
-        # decodes and scores exactly that, through the same code as the Q-Adapter.
-        qadapter = QAdapter(peft_model, tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0, parameterization="full"))
-        save = lambda folder: save_atomically(folder, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))  # noqa: E731
+    method = METHOD_REGISTRY[job.method]
+    trainer = method.train(model, tokenizer, train_ids, config, job, callbacks, log)
+    qadapter, save = method.policy(trainer, tokenizer)
     train_seconds = time.monotonic() - train_start
     if job.on:
         from ..stack import save_extended
