@@ -9,16 +9,17 @@ import copy
 import dataclasses
 import gc
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ...io import read_json, read_jsonl, sha256_files, write_json
 from .cache import adapter_fingerprint, folder_stamp, method_done, training_fingerprint
-from .evaluations import BENCHMARKS, Context, Evaluation, parse_limits, selected
+from .evaluations import BENCHMARKS, Context, selected
+from .judge import attach_judge, train_judge_model
+from .limits import parse_limits
+from .plan import Plan, Training
 from .methods import METHOD_REGISTRY, METHODS, MethodSpec, PolicyPoint, parse_method_spec, point_record, policy_points
 from .report import train_command, write_results
 from .results import Comparison
@@ -89,36 +90,6 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
     judge_info = attach_judge(the_plan, training, ctx, judge, trained_here=train_judge, log=log)
     computed = evaluate(the_plan, ctx, progress=progress, log=log)
     return report(the_plan, training, ctx, judge_info, computed, log=log)
-
-
-@dataclass
-class Plan:
-    """What a comparison will do, checked before anything is trained."""
-
-    out: Path
-    job: Any
-    config: Any
-    specs: list[MethodSpec]
-    points: list[PolicyPoint]
-    strengths: list[float] | None
-    benchmarks: list[str]
-    evaluations: list[Evaluation]
-    limits: dict[str, int | None]
-    eval_seed: int
-    bbh_tasks: list[str]
-    max_new_tokens: int
-    eval_batch_size: int
-    data_dir: Any
-    device: str
-    dtype: Any
-    fingerprint: dict[str, Any]
-    commands: list[str]
-    train_argv: Sequence[str] | None
-
-    def context(self, training: "Training", progress: bool) -> Context:
-        return Context(limits=self.limits, seed=self.eval_seed, batch_size=self.eval_batch_size,
-                       max_new_tokens=self.max_new_tokens, bbh_tasks=self.bbh_tasks, data_dir=self.data_dir,
-                       held_out=training.held_out, held_out_hash=training.held_out_hash, progress=progress)
 
 
 def plan(output_dir, job=None, config=None, *, methods, strengths, strengths_for, benchmarks, limits, bbh_tasks,
@@ -194,19 +165,6 @@ def record_training_settings(out: Path, job, config, command: str | None) -> tup
     return fingerprint, commands
 
 
-@dataclass
-class Training:
-    """What the training step leaves: every spec's report, the one split they trained on."""
-
-    reports: dict[str, dict]
-    train_commands: dict[str, str]
-    trained: list[str]
-    train_pairs: list[dict]
-    held_out: list[dict]
-    held_out_hash: str
-    split_info: dict[str, Any]
-
-
 def train(plan: Plan, *, progress: bool = True, log=print) -> Training:
     """Train (or reuse, from OUT/<spec>/) every method spec, all on the same split."""
     from ..train import run_training
@@ -259,82 +217,6 @@ def train(plan: Plan, *, progress: bool = True, log=print) -> Training:
                   else reports[plan.specs[0].name]["split"])
     return Training(reports, train_commands, trained, read_jsonl(split_dir / "train.jsonl"),
                     read_jsonl(split_dir / "held_out.jsonl"), sha256_files([split_dir / "held_out.jsonl"]), split_info)
-
-
-def train_judge_model(plan: Plan, training: Training, *, steps: int, learning_rate: float, batch_size: int,
-                      log=print) -> str:
-    """Train (or reuse) a reward model on the training split, into OUT/judge; return its folder."""
-    from ...trainer.reward_judge import train_reward_judge
-
-    judge_dir = plan.out / "judge"
-    if (judge_dir / "judge_report.json").is_file():
-        log(f"judge: trained already ({judge_dir}), reusing it")
-        return str(judge_dir)
-    train_reward_judge(plan.job.model, training.train_pairs, judge_dir, max_steps=steps, learning_rate=learning_rate,
-                       batch_size=batch_size, max_length=plan.config.max_length, seed=plan.config.seed,
-                       use_cpu=bool(getattr(plan.config, "use_cpu", False)) or plan.device == "cpu", log=log)
-    training.trained.append("judge")
-    return str(judge_dir)
-
-
-def attach_judge(plan: Plan, training: Training, ctx: Context, judge, *, trained_here: bool = False,
-                 log=print) -> dict | None:
-    """Give the evaluations the judge (loaded on first use) and its cache key; return what results.md
-    says of it, with its own held-out accuracy (how far its verdicts can be trusted)."""
-    from ...evaluation import RewardModelJudge
-
-    if judge is None:
-        log("no judge (give --judge PATH or --train-judge): the win rate is not measured")
-        return None
-    loaded = []
-
-    def get_judge():
-        if not loaded:
-            loaded.append(RewardModelJudge(str(judge), device=plan.device, batch_size=plan.eval_batch_size)
-                          if isinstance(judge, (str, Path)) else judge)
-        return loaded[0]
-
-    ctx.judge = get_judge
-    if isinstance(judge, (str, Path)):
-        ctx.judge_key = {"path": str(Path(judge).resolve()) if Path(judge).exists() else str(judge),
-                         "stamp": folder_stamp(Path(judge)) if Path(judge).is_dir() else None}
-        info = {"description": f"the reward model `{judge}` (sequence classification)"}
-    else:
-        ctx.judge_key = {"object": repr(judge)}
-        info = {"description": f"`{judge!r}`"}
-    if trained_here:
-        rep = read_json(Path(judge) / "judge_report.json")
-        info = {"description": f"a reward model trained here from the base model with TRL's RewardTrainer on "
-                               f"the {rep['train_pairs']} training pairs ({rep['steps']} steps, "
-                               f"batch {rep['batch_size']}, learning rate {rep['learning_rate']:g}), "
-                               f"saved in `judge/`", "report": rep}
-    accuracy = judge_accuracy(plan, training, ctx)
-    if accuracy is not None:
-        info["held_out_accuracy"] = accuracy
-    return info
-
-
-def judge_accuracy(plan: Plan, training: Training, ctx: Context) -> dict | None:
-    """The judge's preference accuracy on the held-out pairs (cached in OUT/eval/judge/)."""
-    from ...evaluation.preference import split_pair
-    from ...evaluation.stats import make_metric, subsample, ties_half
-
-    limit = plan.limits["preferences"]  # the held-out pairs the preference evaluation reads
-    path = plan.out / "eval" / "judge" / "held_out_accuracy.json"
-    key = {"judge": ctx.judge_key, "held_out": training.held_out_hash, "limit": limit, "seed": plan.eval_seed}
-    cached = read_json(path) if path.is_file() else None
-    if cached and cached.get("key") == key:
-        return cached["result"]
-    if not hasattr(ctx.judge(), "rewards"):
-        return None
-    rows = subsample(training.held_out, limit, plan.eval_seed)
-    prompts, chosen, rejected = zip(*(split_pair(r) for r in rows))
-    rewards = ctx.judge().rewards(list(prompts) * 2, list(chosen) + list(rejected))
-    n = len(rows)
-    m = make_metric(ties_half(np.asarray(rewards[:n]) - np.asarray(rewards[n:])), seed=plan.eval_seed)
-    result = {"value": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "n": n}
-    write_json(path, {"key": key, "result": result})
-    return result
 
 
 # --------------------------------------------------------------------------- evaluate
