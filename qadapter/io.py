@@ -1,8 +1,8 @@
 """Saving without half-written files, and reading back what was saved.
 
 :func:`save_atomically` writes a whole folder (a model, an adapter, a stack) into a temporary
-sibling that then replaces the target; :func:`write_text_atomically` and :func:`write_json` do the
-same for one file. A crash or a full disk leaves the previous version intact, never a mixture.
+sibling that then replaces the target; :func:`write_text_atomically`, :func:`write_json`,
+:func:`write_jsonl` and :func:`save_figure` do the same for one file. A crash or a full disk leaves the previous version intact, never a mixture.
 """
 
 from __future__ import annotations
@@ -13,24 +13,41 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 from .errors import SaveError
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Run ``write(fh)`` on a temporary binary file in ``path``'s folder, then rename it to ``path``
+    (a crash leaves the previous file, never half of one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+    """One JSON value per line (non-ASCII kept as is), atomically."""
+    return write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically, in the format ``path``'s suffix names (PNG without one)."""
+    path = Path(path)
+    return write_atomically(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png", dpi=dpi))
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:

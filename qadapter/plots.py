@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .io import save_figure
+
 #: the logged metrics drawn, by panel: (log key, panel title); a panel is drawn only when some run logged it
 CURVE_PANELS = (
     ("loss", "training loss (each method's own objective)"),
@@ -57,8 +59,4 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping]], path: str |
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)

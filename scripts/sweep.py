@@ -108,12 +108,12 @@ def run_variant(name: str, args) -> dict:
         settings = trainer.settings
         peft_model = trainer.model
     else:
-        from qadapter.trainer.baselines import train_baseline
+        from qadapter.trainer.baselines import train_dpo
 
         lr = overrides.get("learning_rate", args.learning_rate)
         config = QAdapterConfig(**{**common, "learning_rate": lr})
-        trainer = train_baseline("dpo", model, tokenizer, train.select_columns(["prompt", "chosen", "rejected"]),
-                                 config, dpo_beta=overrides["beta"])
+        trainer = train_dpo(model, tokenizer, train.select_columns(["prompt", "chosen", "rejected"]), config,
+                            dpo_beta=overrides["beta"])
         peft_model = trainer.model
         settings = QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0, parameterization="full")
     train_seconds = time.monotonic() - started

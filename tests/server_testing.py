@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer, randomize_lora
+from conftest import make_tiny_tokenizer, randomize_lora, tiny_llama
 
 
 #: the one user turn most server tests send
@@ -37,22 +37,9 @@ def one_torch_thread():
 
 
 def tiny_base(tok, seed: int = 0, endless: bool = False, context: int = 8192):
-    """A 2-layer random Llama. ``endless``: its end-of-turn logit is always 0, so greedy decoding
-    (almost surely) never ends by itself: for the tests that need a long generation."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                      initializer_range=0.2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
-    base = LlamaForCausalLM(cfg).eval()
-    base.generation_config.eos_token_id = tok.eos_token_id
-    base.generation_config.pad_token_id = tok.pad_token_id
-    if endless:
-        with torch.no_grad():
-            base.lm_head.weight[tok.eos_token_id] = 0.0
-    return base
+    """conftest's tiny Llama with ``tok``'s ids; ``endless``: it (almost surely) never ends by itself,
+    for the tests that need a long generation."""
+    return tiny_llama(tokenizer=tok, seed=seed, context=context, init_range=0.2, endless=endless)
 
 
 def save_adapters(root, endless: bool = False, context: int = 8192) -> dict[str, str]:

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_llama
+from conftest import byte_bpe_tokenizer, tiny_llama
 from qadapter.recipes.compare import (DEFAULT_LIMITS, Comparison, parse_limits, run_comparison, tradeoff,
                               write_results)
 from qadapter.evaluation import EvalResult, make_metric
@@ -19,26 +19,11 @@ from qadapter.recipes.compare.evaluations import ANSWER_METRICS
 from qadapter.recipes.config import JobArguments
 from qadapter.trainer import QAdapterConfig
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 METHODS = ["qadapter", "sft", "replay", "dpo"]
 
 
 def byte_level_tokenizer():
-    """A small byte-level BPE tokenizer (round-trips any text, so stop strings work) with ChatML;
-    pad = 0 and eos = 2, the special ids of conftest's tiny Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["Question: Answer: The answer is Q: A: user assistant w1 w2 w3 w4 w50 w51 w52"] * 4
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML)
+    return byte_bpe_tokenizer(["Question: Answer: The answer is Q: A: user assistant w1 w2 w3 w4 w50 w51 w52"] * 4)
 
 
 def conv(prompt, answer):
@@ -490,3 +475,79 @@ def test_compare_on_an_earlier_customization_trains_stacks_and_measures_against_
     assert again.trained == [] and again.computed == []
     with pytest.raises(ValueError, match="other settings"):  # another starting point is another comparison
         run_comparison(out, dataclasses.replace(job, on=str(setup / "elsewhere")), config, **kw)
+
+
+def test_cache_keys_keep_their_layout_so_old_folders_are_reused(setup, monkeypatch):
+    """Every stored result is OUT/eval/<point>/<evaluation>.json = {"key", "result"}, its key built as
+    earlier versions built it (written out here field by field): an output folder made before is
+    reused as it is, nothing retrained or re-evaluated."""
+    import hashlib
+
+    from qadapter.evaluation import ConstantJudge
+    from qadapter.recipes.compare.cache import adapter_fingerprint
+
+    out = setup / "layout"
+    job, config = job_and_config(setup)
+    kw = comparison_kwargs(setup, methods=["qadapter", "sft"], strengths=[0.5, 1], benchmarks=["arc_easy", "kl"],
+                           train_judge=False, judge=ConstantJudge(0.7))
+    first = run_comparison(out, job, config, **kw)
+    held_out = hashlib.sha256(b"held_out.jsonl" + (out / "qadapter" / "split" / "held_out.jsonl").read_bytes())
+    common = {"limit": 2, "seed": 0, "data_dir": str(setup / "bench")}
+    base_answers = {}
+    for point, fingerprint, strength in (("base", f"model:{job.model}", None),
+                                         ("qadapter@0.5", adapter_fingerprint(out / "qadapter" / "adapter"), 0.5),
+                                         ("qadapter@1", adapter_fingerprint(out / "qadapter" / "adapter"), 1.0),
+                                         ("sft", adapter_fingerprint(out / "sft" / "adapter"), None)):
+        stored = {p.stem: json.loads(p.read_text()) for p in (out / "eval" / point).glob("*.json")}
+        assert sorted(stored) == ["arc_easy", "kl", "preferences", "win_rate"]
+        own = {"policy": point, "fingerprint": fingerprint, **({} if strength is None else {"strength": strength})}
+        extra = {"arc_easy": {}, "kl": {"max_new_tokens": 4}, "preferences": {"held_out": held_out.hexdigest()[:16]},
+                 "win_rate": {"max_new_tokens": 4, "held_out": held_out.hexdigest()[:16],
+                              "answer_metrics": list(ANSWER_METRICS), "judge": {"object": repr(ConstantJudge(0.7))}}}
+        for evaluation, fields in extra.items():
+            want = {**own, "evaluation": evaluation, **common, **fields}
+            if evaluation in ("kl", "win_rate"):
+                if point == "base":
+                    answers = stored[evaluation]["result"]["extra"]["responses" if evaluation == "kl" else "base_answers"]
+                    base_answers[evaluation] = hashlib.sha256(json.dumps(answers).encode()).hexdigest()[:16]
+                    assert stored[evaluation]["result"]["config"]["answers_hash"] == base_answers[evaluation]
+                else:
+                    want["base_answers"] = base_answers[evaluation]
+            assert stored[evaluation]["key"] == want, (point, evaluation)
+    assert sorted(first.computed) == sorted((p, e) for p in ("base", "qadapter@0.5", "qadapter@1", "sft")
+                                            for e in ("arc_easy", "kl", "preferences", "win_rate"))
+
+    monkeypatch.setattr("qadapter.recipes.train.run_training", lambda *a, **k: pytest.fail("must not train again"))
+    again = run_comparison(out, job, config, **kw)
+    assert again.trained == [] and again.computed == []
+
+
+def test_scoring_several_strengths_at_once_equals_the_evaluator_at_each(setup):
+    """An evaluation that scores strengths (one scorer call for all of them) gives, at each strength,
+    what its evaluator gives on the policy decoded at that strength, also with a tokenizer that
+    starts raw text with <bos> (as Gemma's does; the strengths path once left that BOS out)."""
+    from conftest import gemma_like_tokenizer, randomize_lora
+    from qadapter.chat import bos_prefix
+    from qadapter.evaluation import base_policy, evaluate_arc
+    from qadapter.modeling import QAdapter
+    from qadapter.recipes.compare.evaluations import REGISTRY, Context
+    from qadapter.recipes.compare.run import policy_at
+    from qadapter.settings import QAdapterSettings
+
+    tok = gemma_like_tokenizer(adds_bos=True)
+    assert bos_prefix(tok) == [tok.bos_token_id]
+    qa = QAdapter.create(tiny_llama(tokenizer=tok), tok, QAdapterSettings())
+    randomize_lora(qa.model)
+    ctx = Context(limits={"arc_easy": 4}, seed=0, batch_size=4, max_new_tokens=4, bbh_tasks=[],
+                  data_dir=setup / "bench", held_out=[], held_out_hash="", progress=False)
+    strengths = [0.5, 2.0]
+    got = REGISTRY["arc_easy"].run(ctx, qa, base_policy(qa), "qadapter", strengths=strengths)
+    before = (qa.settings.alpha_0, qa.settings.alpha_tilde)
+    for s in strengths:
+        want = evaluate_arc(policy_at(qa, s), subset="easy", limit=4, seed=0, batch_size=4, data_dir=setup / "bench",
+                            progress=False)
+        assert [x["loglikelihoods"] for x in got[s].samples] == [
+            pytest.approx(x["loglikelihoods"], abs=1e-5) for x in want.samples]
+    assert (qa.settings.alpha_0, qa.settings.alpha_tilde) == before  # a view at each strength, the policy unchanged
+    # the strengths really differ
+    assert got[0.5].samples[0]["loglikelihoods"] != pytest.approx(got[2.0].samples[0]["loglikelihoods"], abs=1e-4)

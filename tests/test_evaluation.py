@@ -19,33 +19,20 @@ from qadapter.evaluation import (ConstantJudge, EvalResult, HFPolicy, MCItem, QA
 from qadapter.evaluation.benchmarks import DATA_DIR
 from qadapter.evaluation.policy import encode
 
-from conftest import randomize_lora, tiny_llama
+from conftest import byte_bpe_tokenizer, randomize_lora, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TASK = REPO / "examples" / "lm_eval_task"
 SHARED_DATA = REPO.parent / "shared" / "data"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 # --------------------------------------------------------------------------- tiny models
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = ["The following are multiple choice questions (with answers) about anatomy.",
-              "Question: What is the capital of France? Answer: Paris. A. B. C. D.",
-              "Q: There are 15 trees. A: The answer is 6. Let's think step by step.",
-              "0123456789 + - * / = the a an of to in is was user assistant"] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML)
+    return byte_bpe_tokenizer(["The following are multiple choice questions (with answers) about anatomy.",
+                               "Question: What is the capital of France? Answer: Paris. A. B. C. D.",
+                               "Q: There are 15 trees. A: The answer is 6. Let's think step by step.",
+                               "0123456789 + - * / = the a an of to in is was user assistant"] * 4, vocab_size=320)
 
 
 def tiny_model(tokenizer, seed: int):

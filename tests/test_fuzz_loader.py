@@ -20,7 +20,7 @@ from qadapter.data import PreferenceDataError, load_preference_pairs, tokenize_p
 
 TOKENIZER = make_tiny_tokenizer()
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-CASES = {"rows": 0, "files": 0, "bytes": 0, "errors": 0, "loaded": 0, "skipped_rows": 0}
+CASES = {"rows": 0, "files": 0, "bytes": 0, "unwritable": 0, "errors": 0, "loaded": 0, "skipped_rows": 0, "other": 0}
 
 words = st.lists(st.sampled_from(["w1", "w2", "w3", "w4", "w5", "w6", "hello", "é", "\t", " ", "\n"]), max_size=6).map(" ".join)
 weird_text = st.one_of(
@@ -86,7 +86,18 @@ def dumps(value, ascii_only: bool = True) -> str:
 
 
 def check(path: Path, skip_invalid: bool, allow_empty: bool) -> None:
-    """The property: a data error naming the file, or a load whose counts add up; same for tokenizing."""
+    """The property: a data error naming the file, or a load whose counts add up; same for tokenizing.
+    Any other exception is counted (for the summary) and fails the test."""
+    try:
+        _check(path, skip_invalid, allow_empty)
+    except (PreferenceDataError, AssertionError):
+        raise
+    except Exception:
+        CASES["other"] += 1
+        raise
+
+
+def _check(path: Path, skip_invalid: bool, allow_empty: bool) -> None:
     try:
         pairs, report = load_preference_pairs(path, skip_invalid=skip_invalid, allow_empty_response=allow_empty)
     except PreferenceDataError as e:
@@ -205,6 +216,7 @@ def test_fuzz_parquet(table, skip_invalid, truncate):
         try:
             pq.write_table(table, path)
         except (pa.ArrowException, UnicodeError):
+            CASES["unwritable"] += 1  # pyarrow could not write it: nothing reached the loader
             return
         if truncate:
             data = path.read_bytes()
@@ -221,7 +233,13 @@ def test_fuzz_rows_in_memory(rows, skip_invalid):
         pairs, report = load_preference_pairs(rows, skip_invalid=skip_invalid)
     except PreferenceDataError as e:
         assert "<list>" in str(e)
+        CASES["errors"] += 1
         return
+    except Exception:
+        CASES["other"] += 1
+        raise
+    CASES["loaded"] += 1
+    CASES["skipped_rows"] += len(report.skipped)
     assert report.n_kept + len(report.skipped) == report.n_read and len(pairs) == report.n_kept
 
 
@@ -261,9 +279,14 @@ def test_duplicate_rows_are_counted(tmp_path):
 
 
 def test_zz_print_case_counts(capsys):
-    """Runs last in this file: how many fuzz cases ran, and how they ended."""
+    """Runs last in this file: how many fuzz cases ran and how each ended, all as counted. Every case
+    that reached the loader ended in a data error, a load, or another exception (which also failed
+    its test); run alone, without the fuzz tests, there is nothing to count."""
     total = CASES["rows"] + CASES["files"] + CASES["bytes"]
+    ended = CASES["errors"] + CASES["loaded"] + CASES["other"] + CASES["unwritable"]
+    assert ended == total, CASES
     with capsys.disabled():
         print(f"\nfuzzed the loader with {total} cases ({CASES['files']} files, {CASES['bytes']} random-byte files, "
-              f"{CASES['rows']} in-memory row lists): {CASES['errors']} data errors, {CASES['loaded']} loads "
-              f"({CASES['skipped_rows']} rows skipped and counted), 0 other exceptions")
+              f"{CASES['rows']} in-memory row lists; {CASES['unwritable']} tables pyarrow could not write): "
+              f"{CASES['errors']} data errors, {CASES['loaded']} loads ({CASES['skipped_rows']} rows skipped and "
+              f"counted), {CASES['other']} other exceptions")

@@ -9,29 +9,10 @@ import pytest
 from datasets import Dataset
 from transformers import GenerationConfig
 
-from conftest import make_tiny_tokenizer
+from conftest import gemma_like_tokenizer, make_tiny_tokenizer
 from qadapter import cli, embedded
 from qadapter.chat import CHAT_FORMATS, bos_prefix, encode_prompt, raw_text_ids, render_chat, set_chat_format
 from qadapter.data import tokenize_pairs
-
-
-def gemma_like_tokenizer(adds_bos: bool = False):
-    """A word-level tokenizer with Gemma's special tokens (<start_of_turn>, <end_of_turn>) and no chat
-    template; ``adds_bos``: it starts every text with <bos>, as Gemma's does."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    words = ["user", "model", "\n", " ", "User", "Assistant", "System", ":"] + [f"w{i}" for i in range(40)]
-    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|:"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    if adds_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
-    assert not tok.chat_template
-    return tok
 
 
 CONVERSATION = [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2 w3"},

@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import io
-import string
 
 import pytest
 import torch
 
+from conftest import char_tokenizer, tiny_llama
 from qadapter.backbone import causal_lm_logits
 from qadapter.chat import encode_prompt
 from qadapter.generation import generate
 from qadapter.objective import composed_logits, q_values
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 PROMPTS = [
     "hi",
@@ -31,33 +28,12 @@ PROMPTS = [
 
 
 def tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
-    chars = list(string.ascii_letters + string.digits + " .,!?\n'")
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + chars)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    return tokenizer
+    return char_tokenizer()
 
 
 def tiny_base(tokenizer, seed: int = 0):
     """A 2-layer random Llama (a plain transformers model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    base = LlamaForCausalLM(cfg).eval()
-    base.generation_config.eos_token_id = tokenizer.eos_token_id
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
-    return base
+    return tiny_llama(tokenizer=tokenizer, seed=seed, context=512, init_range=0.2)
 
 
 def tiny_model(tokenizer, *, trained: bool = True, seed: int = 0, **lora_kwargs):
@@ -198,9 +174,8 @@ def test_the_adapter_branch_alone_runs_the_lean_lora_forward_bit_equal_to_peft(m
 
 @pytest.mark.parametrize("lora_alpha", [8, 6])  # scaling 2 (folded into lora_B, exact) and 1.5 (not folded)
 def test_the_lean_lora_forward_equals_peft_at_any_scaling(tok, lora_alpha):
-    from qadapter.backbone import SplitRows, _power_of_two, fast_plan
+    from qadapter.backbone import SplitRows, fast_plan
 
-    assert _power_of_two(2.0) and _power_of_two(0.25) and not _power_of_two(1.5) and not _power_of_two(0.0)
     model = tiny_model(tok, lora_alpha=lora_alpha)
     ids, mask = encoded(tok, PROMPTS[:3])
     plan, layers = fast_plan(model, "default")
@@ -222,14 +197,14 @@ def test_padded_row_equals_the_same_prompt_alone(model, tok):
 def test_other_lora_layers_fall_back_exactly(tok):
     """LoRA dropout: the row split handles it (identity in eval mode). LoRA on the embeddings: the hook does not handle it, PEFT's mixed-adapter batch does. DoRA: PEFT
     cannot mix it in a batch, so decoding falls back to the two-forward reference. Same tokens."""
-    from qadapter.backbone import fast_plan as _fast_plan
+    from qadapter.backbone import fast_plan
 
     kw = dict(alpha_0=0.5, alpha_tilde=0.7, max_new_tokens=10, eos_token_id=[], return_ids=True)
     for lora_kwargs, plan in ((dict(lora_dropout=0.1), "split"),  # dropout: the identity when generating
                               (dict(target_modules=["q_proj", "v_proj", "embed_tokens"]), "peft"),
                               (dict(use_dora=True), "reference")):
         model = tiny_model(tok, **lora_kwargs)
-        assert _fast_plan(model, "default")[0] == plan
+        assert fast_plan(model, "default")[0] == plan
         assert generate(model, tok, PROMPTS, **kw)[1] == generate(model, tok, PROMPTS, fast=False, **kw)[1] \
             == naive_greedy(model, tok, PROMPTS, 10, 0.5, 0.7)
 

@@ -231,3 +231,61 @@ def test_examples_answer_distinct_prompts(tiny_model_dir, tmp_path):
     report = run_training(job, config, log=lambda *_: None)
     prompts = [ex["prompt"] for ex in report["examples"]]
     assert len(prompts) == 2 and prompts[0] != prompts[1]
+
+
+def test_a_user_file_cut_by_the_preset_is_announced_before_training(tiny_model_dir, tmp_path):
+    """`qadapter train --data FILE` with a preset whose token budget drops pairs says so in one line,
+    with the counts and the flags that keep more; a file that fits gets no such line."""
+    from qadapter.recipes.train import prepare_data
+
+    rows = [{"chosen": conv(f"w{i} w2", " ".join(["w4"] * (40 if i % 4 == 0 else 2))),
+             "rejected": conv(f"w{i} w2", "w6")} for i in range(20)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "long.jsonl"), drop_longer_than=40)
+    lines = []
+    data = prepare_data(job, config, log=lines.append)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert data.n_dropped == 5 and len(notes) == 1, lines
+    assert "15 of 20 pairs" in notes[0] and "(75%)" in notes[0] and "--drop_longer_than" in notes[0] \
+        and "--max_length" in notes[0] and str(tmp_path / "long.jsonl") in notes[0]
+
+    job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "long.jsonl"), drop_longer_than=None)
+    config.max_length = 30  # no dropping: the long responses are cut instead, and that is said too
+    lines = []
+    prepare_data(job, config, log=lines.append)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and "5 of 20 pairs" in notes[0] and "--max_length" in notes[0], lines
+
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "short.jsonl", 20), drop_longer_than=40)
+    lines = []
+    prepare_data(job, config, log=lines.append)
+    assert not [line for line in lines if line.startswith("note:")], lines
+
+
+def test_saved_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """save_split and the training curves write through qadapter.io: no temporary file is left, and
+    a write that fails halfway leaves the previous file as it was."""
+    from datasets import Dataset
+    from matplotlib.figure import Figure
+
+    from qadapter.io import save_figure
+    from qadapter.plots import plot_training_curves
+    from qadapter.recipes.train import save_split
+
+    pairs = Dataset.from_list([{"prompt": f"w{i}", "chosen": "w2", "rejected": "w3", "row": i} for i in range(3)])
+    save_split(tmp_path / "split", pairs.select([0, 1]), pairs.select([2]), {"seed": 0})
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["held_out.jsonl", "split.json", "train.jsonl"]
+    assert [json.loads(line)["row"] for line in (tmp_path / "split" / "train.jsonl").read_text().splitlines()] == [0, 1]
+
+    path = plot_training_curves({"sft": [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}]}, tmp_path / "c.png")
+    before = path.read_bytes()
+    assert before[:4] == b"\x89PNG"
+
+    def half_then_fail(self, fh, **kw):
+        fh.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError):
+        save_figure(Figure(), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.is_file()] == ["c.png"]

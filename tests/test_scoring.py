@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 from qadapter import scoring
 from qadapter.settings import QAdapterSettings
-from qadapter.backbone import lora_config, position_ids_from_mask
+from qadapter.backbone import fast_plan, lora_config, position_ids_from_mask
 from qadapter.objective import customized_logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -175,7 +175,7 @@ def test_eager_attention():
 def test_peft_mixed_batch_fallback():
     """LoRA on the embeddings: not a plain Linear, so PEFT's mixed-adapter batch runs both branches."""
     model = peft_model(target_modules=("q_proj", "v_proj", "embed_tokens"))
-    assert scoring._plan(model, {"base", "adapter"}, True)[0] == "mixed"
+    assert fast_plan(model, "default")[0] == "peft"  # PEFT's mixed batch
     settings = QAdapterSettings()
     reqs = requests(seed=5)
     specs = scoring.policy_specs(settings, ("base", "customized"), STRENGTHS)
@@ -185,7 +185,7 @@ def test_peft_mixed_batch_fallback():
 
 def test_dora_falls_back_to_two_passes():
     model = peft_model(use_dora=True)
-    assert scoring._plan(model, {"base", "adapter"}, True)[0] == "two"
+    assert fast_plan(model, "default")[0] == "reference"  # two passes
     settings = QAdapterSettings()
     reqs = requests(seed=6)
     specs = scoring.policy_specs(settings, ("base", "customized"))

@@ -56,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="FILE", help="preference pairs (default: the embedded HH-RLHF harmless pairs)")
     parser.add_argument("--model", default=None, metavar="M", help="base model folder, hub id or embedded model (default: the embedded SmolLM2-135M-Instruct; also gemma3-270m)")
     parser.add_argument("--preset", default=None, help="qadapter train preset (default, long, paper)")
-    settings = "; ".join(f"{m}: {', '.join(params)}" for m, params in METHOD_REGISTRY.items())
+    settings = "; ".join(f"{m}: {', '.join(entry.params)}" for m, entry in METHOD_REGISTRY.items())
     parser.add_argument("--methods", nargs="+", default=[",".join(METHODS)], metavar="SPEC",
                         help=f"method specs, space- or comma-separated: a method among {','.join(METHOD_REGISTRY)}, "
                              "optionally with its own settings, e.g. dpo:beta=0.3 sft:max_steps=20 "

@@ -135,10 +135,10 @@ def check_job(job, config) -> None:
 
     from ..embedded import check_available, embedded_model
     from ..integrity import check_no_remote_code
-    from ..trainer.baselines import BASELINES
+    from .methods import METHOD_REGISTRY
 
-    if job.method not in ("qadapter", *BASELINES):
-        raise UserError(f"--method {job.method}: unknown; choose qadapter, {', '.join(BASELINES)}")
+    if job.method not in METHOD_REGISTRY:
+        raise UserError(f"--method {job.method}: unknown; choose {', '.join(METHOD_REGISTRY)}")
     if job.data is not None and not Path(job.data).is_file():
         raise UserError(f"--data {job.data}: no such file")
     model = job.model

@@ -6,9 +6,8 @@ embedded default model on the embedded HH-RLHF harmless pairs (the ``default`` p
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ from transformers import TrainerCallback
 from ..backbone import pad_token_id
 from ..embedded import default_data_path, load_model, load_tokenizer, resolve_model_path
 from ..evaluation.stats import preference_accuracy
+from ..io import write_json, write_jsonl
 from .config import JobArguments
+from .methods import METHOD_REGISTRY
 
 class StopAfterMinutes(TrainerCallback):
     """Ends training cleanly once a wall-clock budget is spent (checked after every step)."""
@@ -91,13 +92,8 @@ def save_split(folder, train, held_out, info: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("held_out", held_out)):
         columns = [c for c in SPLIT_COLUMNS if c in rows.column_names]
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows.select_columns(columns))
-        tmp = folder / f"{name}.jsonl.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(folder / f"{name}.jsonl")
-    tmp = folder / "split.json.tmp"
-    tmp.write_text(json.dumps({**info, "n_train_pairs_used": len(train)}, indent=2), encoding="utf-8")
-    tmp.replace(folder / "split.json")
+        write_jsonl(folder / f"{name}.jsonl", rows.select_columns(columns))
+    write_json(folder / "split.json", {**info, "n_train_pairs_used": len(train)}, indent=2)
 
 
 def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
@@ -107,14 +103,47 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     and tokenization reports, training time and steps, and the preference accuracy of the base
     and the customized policy on training and held-out pairs.
     """
-
-    from ..data import (distinct_prompts, flip_labels, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
-                       tokenize_pairs)
-    from ..trainer import QAdapterTrainer
-
     started = time.monotonic()
     torch.manual_seed(config.seed)
-    # The data are read and validated before any model is loaded: a bad file fails in seconds.
+    data = prepare_data(job, config, log)
+    trained = train_policy(job, config, data, log)
+    report = {
+        "method": job.method, "model": job.model, "data": data.name, "preset": job.preset, "seed": config.seed,
+        "split": data.split_info, "dropped_as_longer": data.n_dropped, "load": data.load_report.summary(),
+        "tokenize": data.tok_report.summary(), "train_pairs": len(data.train), **trained.report}
+    if not trained.trainer.is_world_process_zero():
+        return report
+    report.update(measure(job, config, trained.qadapter, data))
+    from ..plots import plot_training_curves
+
+    curves = plot_training_curves({job.method: report["log_history"]}, Path(config.output_dir) / "training_curves.png",
+                                  title=f"{job.method} on {Path(data.name).name if job.data else data.name}")
+    report["training_curves"] = str(curves.resolve()) if curves else None
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    write_json(trained.out_dir / "report.json", report, indent=2)
+    return report
+
+
+@dataclass
+class PreparedData:
+    """The pairs of a job, loaded, tokenized, filtered and split by prompt (see :func:`prepare_data`)."""
+    name: str
+    tokenizer: Any
+    model_path: str
+    train: Any
+    held_out: Any
+    split_info: dict[str, Any]
+    load_report: Any
+    tok_report: Any
+    n_dropped: int
+
+
+def prepare_data(job: JobArguments, config, log=print) -> PreparedData:
+    """Read and validate the pairs (before any model is loaded: a bad file fails in seconds),
+    tokenize them once, drop the over-long ones, split by prompt; save the split when asked."""
+    from ..data import (flip_labels, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
+                        tokenize_pairs)
+
     if job.data is None:
         pairs, load_report = load_embedded_pairs()
         data_name = f"embedded HH-RLHF harmless ({default_data_path().name})"
@@ -133,13 +162,17 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
     for column in ids.column_names:
         if column not in pairs.column_names:
             pairs = pairs.add_column(column, ids[column])
-    n_dropped = 0
+    n_read, n_dropped = len(pairs), 0
     if job.drop_longer_than:
         # A pair is kept whole or dropped (and counted), never silently cut.
         keep = [i for i, n in enumerate(pairs["untruncated_length"]) if n <= job.drop_longer_than]
         n_dropped = len(pairs) - len(keep)
         pairs = pairs.select(keep)
         log(f"kept the {len(pairs)} pairs of at most {job.drop_longer_than} tokens; dropped {n_dropped} longer ones")
+    if job.data is not None:
+        notice = length_notice(job, config, n_read, n_dropped, tok_report.n_response_truncated)
+        if notice:
+            log(notice)
     eval_size = int(job.eval_pairs) if job.eval_pairs >= 1 else float(job.eval_pairs)
     train_ids, eval_ids, split_info = split_by_prompt(pairs, eval_size=eval_size, seed=config.seed)
     if job.train_pairs:
@@ -151,11 +184,39 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
             f"(seed {config.seed}); held-out pairs are clean")
     log(f"split by prompt (seed {config.seed}): {len(train_ids)} training pairs, {len(eval_ids)} held-out pairs "
         f"({split_info['n_train_prompts']} / {split_info['n_eval_prompts']} prompts)")
-
     if job.save_split and config.process_index == 0:
         save_split(Path(config.output_dir) / "split", train_ids, eval_ids, split_info)
+    return PreparedData(data_name, tokenizer, model_path, train_ids, eval_ids, split_info, load_report, tok_report,
+                        n_dropped)
 
-    model = load_model(model_path, dtype=torch.float32)
+
+def length_notice(job: JobArguments, config, n_read: int, n_dropped: int, n_cut: int) -> str | None:
+    """One line, before training on a user's file, when the token budget drops or cuts pairs: how
+    many, and the flags that keep more (the presets' budgets suit their embedded data, not every file)."""
+    if n_dropped:
+        kept = n_read - n_dropped
+        return (f"note: the '{job.preset}' preset trains on pairs of at most {job.drop_longer_than} tokens: "
+                f"{kept} of {n_read} pairs of {job.data} kept ({100 * kept / max(n_read, 1):.0f}%); "
+                f"--drop_longer_than N --max_length N (or --preset paper: 512, nothing dropped) keeps more")
+    if n_cut:
+        return (f"note: the '{job.preset}' preset cuts responses to fit {config.max_length} tokens: {n_cut} of "
+                f"{n_read} pairs of {job.data} cut; --max_length N keeps more of each")
+    return None
+
+
+@dataclass
+class TrainedPolicy:
+    trainer: Any
+    qadapter: Any
+    out_dir: Path
+    report: dict[str, Any]
+
+
+def train_policy(job: JobArguments, config, data: PreparedData, log=print) -> TrainedPolicy:
+    """Train ``job.method`` on ``data.train`` and save the adapter (main process only) into
+    ``OUTPUT_DIR/adapter``; the policy is a :class:`QAdapter` whatever the method."""
+    model = load_model(data.model_path, dtype=torch.float32)
+    tokenizer, train_ids = data.tokenizer, data.train
     if job.on:
         from ..stack import merge_into
 
@@ -168,26 +229,9 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         callbacks.append(timer)
     out_dir = Path(config.output_dir) / "adapter"
     train_start = time.monotonic()
-    if job.method == "qadapter":
-        trainer = QAdapterTrainer(model, config, train_dataset=train_ids, processing_class=tokenizer,
-                                  base_model_name_or_path=job.model, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-        qadapter = trainer.qadapter()
-        save = qadapter.save_pretrained
-    else:
-        from ..modeling import QAdapter
-        from ..io import save_atomically
-        from ..settings import QAdapterSettings
-        from ..trainer.baselines import train_baseline
-
-        trainer = train_baseline(job.method, model, tokenizer, train_ids.select_columns(["prompt", "chosen", "rejected"]),
-                                 config, dpo_beta=job.dpo_beta, kl_weight=job.kl_weight, callbacks=callbacks,
-                                 log=log)
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        # The baseline's policy is its adapter model itself: a QAdapter with α0 = 0 and α̃ = 1
-        # decodes and scores exactly that, through the same code as the Q-Adapter.
-        qadapter = QAdapter(peft_model, tokenizer, QAdapterSettings(alpha_0=0.0, alpha_tilde=1.0, parameterization="full"))
-        save = lambda folder: save_atomically(folder, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))  # noqa: E731
+    method = METHOD_REGISTRY[job.method]
+    trainer = method.train(model, tokenizer, train_ids, config, job, callbacks, log)
+    qadapter, save = method.policy(trainer, tokenizer)
     train_seconds = time.monotonic() - train_start
     if job.on:
         from ..stack import save_extended
@@ -195,12 +239,8 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         save = (lambda write_new: lambda folder: save_extended(folder, job.on, write_new, tokenizer))(save)
     if trainer.is_world_process_zero():
         save(out_dir)
-
-    report: dict[str, Any] = {
-        "method": job.method, "model": job.model, "data": data_name, "preset": job.preset, "seed": config.seed,
-        "split": split_info, "dropped_as_longer": n_dropped, "load": load_report.summary(),
-        "tokenize": tok_report.summary(),
-        "train_pairs": len(train_ids), "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
+    report = {
+        "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
         "stopped_by_time_limit_at_step": timer.stopped_at if timer else None,
         "pairs_per_second": round(trainer.state.global_step * config.per_device_train_batch_size
                                   * config.gradient_accumulation_steps * max(1, config.world_size) / max(train_seconds, 1e-9), 4),
@@ -209,18 +249,23 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         # what the trainer logged every `logging_steps` (loss, rewards/*, ...): the training curves
         "log_history": [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h],
     }
-    if not trainer.is_world_process_zero():
-        return report
+    return TrainedPolicy(trainer, qadapter, out_dir, report)
 
+
+def measure(job: JobArguments, config, qadapter, data: PreparedData) -> dict[str, Any]:
+    """Preference accuracy, margins and KL on training and held-out pairs, and example answers."""
+    from ..data import distinct_prompts, select_pairs
+
+    train_ids, eval_ids = data.train, data.held_out
+    out: dict[str, Any] = {"accuracy": {}}
     seen = min(job.train_eval_pairs, len(train_ids))
     # train_eval_pairs=0: held-out pairs only (a comparison measures its methods itself)
     measured = {"train": select_pairs(train_ids, seen, seed=config.seed)} if seen > 0 else {}
     if job.measure_held_out:
         measured["held_out"] = eval_ids
-    report["accuracy"] = {}
     for split, ids in measured.items():
         ll = pair_log_likelihoods(qadapter, ids, desc=f"measuring {split} pairs")
-        report["accuracy"][split] = {
+        out["accuracy"][split] = {
             "base": preference_accuracy(ll["base_chosen"], ll["base_rejected"]),
             "customized": preference_accuracy(ll["custom_chosen"], ll["custom_rejected"]),
             "margin": implicit_reward_margins(ll, seed=config.seed),
@@ -233,21 +278,12 @@ def run_training(job: JobArguments, config, log=print) -> dict[str, Any]:
         prompts = distinct_prompts(eval_ids["prompt"])[:job.show_examples]
         answers = {policy: qadapter.generate(prompts, policy=policy, max_new_tokens=job.example_new_tokens)
                    for policy in tqdm(("base", "customized"), desc="example answers", leave=False)}
-        report["examples"] = [{"prompt": p[-1]["content"] if isinstance(p, list) else p,
-                               "base": b, "customized": c}
-                              for p, b, c in zip(prompts, answers["base"], answers["customized"])]
+        out["examples"] = [{"prompt": p[-1]["content"] if isinstance(p, list) else p,
+                            "base": b, "customized": c}
+                           for p, b, c in zip(prompts, answers["base"], answers["customized"])]
         # how much the answers repeat themselves: the fraction of word 4-grams seen earlier in the same answer
-        report["repetition"] = {policy: repeated_ngram_fraction(texts, n=4) for policy, texts in answers.items()}
-    from ..plots import plot_training_curves
-
-    curves = plot_training_curves({job.method: report["log_history"]}, Path(config.output_dir) / "training_curves.png",
-                                  title=f"{job.method} on {Path(data_name).name if job.data else data_name}")
-    report["training_curves"] = str(curves.resolve()) if curves else None
-    report["total_seconds"] = round(time.monotonic() - started, 1)
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    tmp.replace(out_dir / "report.json")
-    return report
+        out["repetition"] = {policy: repeated_ngram_fraction(texts, n=4) for policy, texts in answers.items()}
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -12,6 +12,10 @@ itself: there is no composition with π1).
 * ``dpo``: TRL ``DPOTrainer`` with β = 0.1 (``dpo_beta``) and the frozen base as reference.
 * ``sft_kl``: policy regularization, the paper's third baseline family: SFT on the chosen answers
   plus ``kl_weight`` · KL(π ‖ π1) per completion token toward the frozen base (:class:`SFTWithKLTrainer`).
+
+One function each (``train_sft``, ``train_replay``, ``train_dpo``, ``train_sft_kl``); the methods a job
+can name, and their settings, are one registry, :data:`qadapter.recipes.methods.METHOD_REGISTRY`: a new
+baseline is its trainer here plus one entry there.
 """
 
 from __future__ import annotations
@@ -24,9 +28,6 @@ from transformers import TrainingArguments
 
 from ..data import distinct_prompts
 from ..backbone import check_target_modules, lora_config
-
-BASELINES = ("sft", "replay", "dpo", "sft_kl")
-
 
 def sft_dataset(pairs: Dataset) -> Dataset:
     """TRL prompt-completion rows from the chosen side of normalized pairs (a normalized response,
@@ -114,43 +115,64 @@ def _training_kwargs(config) -> dict:
     return values
 
 
-def train_baseline(method: str, model, tokenizer, train_pairs: Dataset, config, *, dpo_beta: float = 0.1,
-                   kl_weight: float = 0.1, replay_new_tokens: int = 128, callbacks=None, log=print):
-    """Train ``method`` (one of :data:`BASELINES`) and return its trainer (``trainer.model`` is the PeftModel)."""
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-    if method not in BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
+def _trl_peft(model, config):
     peft_config = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     check_target_modules(model, peft_config.target_modules)
-    common = _training_kwargs(config)
-    if method == "dpo":
-        args = DPOConfig(**common, beta=dpo_beta, max_length=config.max_length)
-        trainer = DPOTrainer(model, args=args, train_dataset=train_pairs.select_columns(["prompt", "chosen", "rejected"]),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    else:
-        if method in ("sft", "sft_kl"):
-            data = sft_dataset(train_pairs)
-        else:
-            from ..generation import generate
+    return peft_config
 
-            # one base answer per distinct prompt (DSP has 4 pairs per query), replayed once per prompt;
-            # a run by steps reads only part of the set, so only the prompts of the rows it will read
-            # are answered (generation would otherwise cost more than the training itself)
-            unique = distinct_prompts(train_pairs["prompt"])
-            budget = rows_seen(config, len(train_pairs) + len(unique))
-            chosen_rows, prompt_rows = draw_replay_rows(len(train_pairs), len(unique), budget, config.seed)
-            prompts = [unique[i] for i in prompt_rows]
-            log(f"replay: {budget} training rows of {len(train_pairs) + len(unique)} ({len(train_pairs)} chosen "
-                f"answers, {len(unique)} distinct prompts) are read; answering their {len(prompts)} prompts with "
-                f"the base model (greedy, at most {replay_new_tokens} tokens)")
-            answers = generate(model, tokenizer, prompts, alpha_0=0.0, alpha_tilde=1.0, policy="base",
-                               max_new_tokens=replay_new_tokens) if prompts else []
-            data = replay_dataset(train_pairs.select(chosen_rows), answers, prompts=prompts)
-        args = SFTConfig(**common, max_length=config.max_length, completion_only_loss=True)
-        extra = {"kl_weight": kl_weight} if method == "sft_kl" else {}
-        trainer = (_sft_with_kl_trainer() if method == "sft_kl" else SFTTrainer)(
-            model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
-            callbacks=callbacks, **extra)
+
+def _sft_on(trainer_class, model, tokenizer, data: Dataset, config, callbacks, **extra):
+    from trl import SFTConfig
+
+    args = SFTConfig(**_training_kwargs(config), max_length=config.max_length, completion_only_loss=True)
+    trainer = trainer_class(model, args=args, train_dataset=data, processing_class=tokenizer,
+                            peft_config=_trl_peft(model, config), callbacks=callbacks, **extra)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    return trainer
+
+
+def train_sft(model, tokenizer, train_pairs: Dataset, config, *, callbacks=None, log=print):
+    """SFT on the chosen answers; returns the trainer (``trainer.model`` is the PeftModel)."""
+    from trl import SFTTrainer
+
+    return _sft_on(SFTTrainer, model, tokenizer, sft_dataset(train_pairs), config, callbacks)
+
+
+def train_sft_kl(model, tokenizer, train_pairs: Dataset, config, *, kl_weight: float = 0.1, callbacks=None, log=print):
+    """SFT on the chosen answers plus ``kl_weight`` · KL(π ‖ π1) (:class:`SFTWithKLTrainer`)."""
+    return _sft_on(_sft_with_kl_trainer(), model, tokenizer, sft_dataset(train_pairs), config, callbacks,
+                   kl_weight=kl_weight)
+
+
+def train_replay(model, tokenizer, train_pairs: Dataset, config, *, replay_new_tokens: int = 128, callbacks=None,
+                 log=print):
+    """SFT on the chosen answers plus the base model's own greedy answers to the training prompts."""
+    from trl import SFTTrainer
+
+    from ..generation import generate
+
+    # one base answer per distinct prompt (DSP has 4 pairs per query), replayed once per prompt;
+    # a run by steps reads only part of the set, so only the prompts of the rows it will read
+    # are answered (generation would otherwise cost more than the training itself)
+    unique = distinct_prompts(train_pairs["prompt"])
+    budget = rows_seen(config, len(train_pairs) + len(unique))
+    chosen_rows, prompt_rows = draw_replay_rows(len(train_pairs), len(unique), budget, config.seed)
+    prompts = [unique[i] for i in prompt_rows]
+    log(f"replay: {budget} training rows of {len(train_pairs) + len(unique)} ({len(train_pairs)} chosen "
+        f"answers, {len(unique)} distinct prompts) are read; answering their {len(prompts)} prompts with "
+        f"the base model (greedy, at most {replay_new_tokens} tokens)")
+    answers = generate(model, tokenizer, prompts, alpha_0=0.0, alpha_tilde=1.0, policy="base",
+                       max_new_tokens=replay_new_tokens) if prompts else []
+    data = replay_dataset(train_pairs.select(chosen_rows), answers, prompts=prompts)
+    return _sft_on(SFTTrainer, model, tokenizer, data, config, callbacks)
+
+
+def train_dpo(model, tokenizer, train_pairs: Dataset, config, *, dpo_beta: float = 0.1, callbacks=None, log=print):
+    """TRL's DPO with β = ``dpo_beta`` and the frozen base as reference; returns the trainer."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**_training_kwargs(config), beta=dpo_beta, max_length=config.max_length)
+    trainer = DPOTrainer(model, args=args, train_dataset=train_pairs.select_columns(["prompt", "chosen", "rejected"]),
+                         processing_class=tokenizer, peft_config=_trl_peft(model, config), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     return trainer

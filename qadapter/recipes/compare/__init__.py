@@ -27,14 +27,16 @@ already saved is not retrained, and an evaluation whose JSON under ``OUT/eval/<p
 with the same settings is not recomputed. ``qadapter compare`` is a thin shell over this package.
 
 The package: :mod:`.methods` (method specs and policy points), :mod:`.evaluations` (the registry
-of evaluations), :mod:`.cache` (fingerprints and cache keys), :mod:`.results` (the
+of evaluations), :mod:`.limits` (``--eval-limit``), :mod:`.judge` (the win rate's judge),
+:mod:`.cache` (fingerprints and cache keys), :mod:`.results` (the
 :class:`Comparison` and how a number is read from it), :mod:`.report` (the trade-off statistics,
 results.md / .csv, tradeoff.png), :mod:`.frontier` (frontier.png and its table), :mod:`.run`
-(:func:`run_comparison`, which ties them together).
+(:func:`run_comparison`: plan, train, evaluate, report).
 """
 
 from .evaluations import (BENCHMARKS, DEFAULT_LIMITS, EVALUATIONS, PREFERENCE_COLUMNS, REGISTRY, RETENTION_BENCHMARKS,
-                          WIN_RATE_COLUMN, Column, Evaluation, parse_limits)
+                          WIN_RATE_COLUMN, Column, Evaluation)
+from .limits import parse_limits
 from .methods import METHOD_REGISTRY, METHODS, MethodParam, MethodSpec, PolicyPoint, parse_method_spec, policy_points
 from .report import tradeoff, write_results
 from .results import Comparison

@@ -1,17 +1,24 @@
 """The evaluations a comparison runs: one :class:`Evaluation` entry each in :data:`REGISTRY`.
 
-An entry declares, once: the evaluator that scores one policy (``run``), the per-item score its
-trade-off statistics resample (``item_score``), what besides the policy, limit and seed its cache
-key holds (``key_fields``), its table column(s), whether a drop in it is retention lost, and,
-for the scorer-based ones, how to score several decode-time strengths of one Q-Adapter from the
-same forwards (``at_strengths``). :mod:`.run` loops over the registry; nothing else names an
-evaluation. A new benchmark is one entry here.
+An entry declares, once: the evaluator that scores one policy (``run``; with ``strengths=True`` it
+also takes ``strengths=[...]`` and scores a Q-Adapter at all of them from the same forwards, through
+the scorer's strengths), the per-item score its trade-off statistics resample (``item_score``), what
+besides the policy, limit and seed its cache key holds (``key_fields``, ``base_answers``,
+``judged``), its table column(s), and whether a drop in it is retention lost. :mod:`.run` loops
+over the registry and builds every cache key through :meth:`Evaluation.cache_key`; nothing else
+names an evaluation. A new benchmark is one entry here (docs/evaluation.md, "Adding an evaluation").
+
+Why one module: an entry and its evaluator are read and changed together (adding an evaluation is
+one function and one entry in one file), so the registry grows with every evaluation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+import hashlib
+import json
 
 import numpy as np
 
@@ -43,9 +50,10 @@ class Context:
     held_out: list[dict]
     held_out_hash: str
     progress: bool = True
-    win_prompts: list = field(default_factory=list)
-    judge: Callable[[], Any] | None = None  # () -> the judge, loaded on first use
+    judge: Callable[[], Any] | None = None  # () -> the judge, loaded on first use; None: no judge
+    judge_key: dict[str, Any] | None = None  # what identifies the judge in a cache key
     results: dict[str, dict[str, dict]] = field(default_factory=dict)
+    _win_prompts: list | None = None
 
     def common(self, name: str) -> dict[str, Any]:
         return dict(limit=self.limits.get(name), seed=self.seed, progress=self.progress)
@@ -57,6 +65,17 @@ class Context:
     def base_extra(self, name: str) -> dict[str, Any]:
         """The base model's stored result's ``extra`` for evaluation ``name`` (its reference answers)."""
         return self.results["base"][name]["extra"]
+
+    def win_prompts(self) -> list:
+        """The held-out prompts the win rate answers: distinct, a seeded subsample."""
+        if self._win_prompts is None:
+            from ...chat import as_messages
+            from ...data import distinct_prompts
+            from ...evaluation.stats import subsample
+
+            prompts = [as_messages(row["prompt"] if "prompt" in row else row["chosen"][:-1]) for row in self.held_out]
+            self._win_prompts = subsample(distinct_prompts(prompts), self.limits["win_rate"], self.seed)
+        return self._win_prompts
 
 
 @dataclass(frozen=True)
@@ -73,17 +92,55 @@ class Evaluation:
     key_fields: tuple[str, ...] = ()
     #: a drop in it is retention lost (higher is better); KL and the preference side are not
     retention: bool = False
-    #: a retention benchmark ``--benchmarks`` can name (preferences and win_rate are not)
+    #: a retention benchmark ``--benchmarks`` can name (the others run in every comparison)
     benchmark: bool = True
-    #: (ctx, qa, strengths) -> {strength: EvalResult}, several strengths from the same forwards
-    at_strengths: Callable[..., dict] | None = None
+    #: ``run`` also takes ``strengths=[...]`` (a Q-Adapter) and returns {strength: EvalResult}
+    strengths: bool = False
     #: its default subsample size (None: every item); ``--eval-limit name=N`` changes it
     default_limit: int | None = None
+    #: the other policies are measured on the base's answers, which this reads from the base's result
+    #: (a hash of them is part of the others' cache keys)
+    base_answers: Callable[[dict], Any] | None = None
+    #: it needs the judge (run only with one; the judge is part of its cache key)
+    judged: bool = False
+    #: a stored result's own answers, reusable when only these key fields changed (None: never reused)
+    answers: Callable[[dict], Any] | None = None
+    answer_only: tuple[str, ...] = ()
 
     def key(self, ctx: Context) -> dict[str, Any]:
         values = {"max_new_tokens": ctx.max_new_tokens, "bbh_tasks": ctx.bbh_tasks, "held_out": ctx.held_out_hash,
                   "answer_metrics": list(ANSWER_METRICS)}  # a list: the key is compared after a JSON round trip
         return {("tasks" if f == "bbh_tasks" else f): values[f] for f in self.key_fields}
+
+    def cache_key(self, ctx: Context, policy: str, fingerprint: str, strength: float | None = None) -> dict[str, Any]:
+        """The key a stored result of ``policy`` is reused under: only while every part matches."""
+        k = {"policy": policy, "fingerprint": fingerprint, "evaluation": self.name, "limit": ctx.limits.get(self.name),
+             "seed": ctx.seed, "data_dir": str(ctx.data_dir) if ctx.data_dir else None, **self.key(ctx)}
+        if self.base_answers is not None and policy != "base":
+            k["base_answers"] = ctx.results["base"][self.name]["config"].get("answers_hash")
+        if self.judged:
+            k["judge"] = ctx.judge_key
+        if strength is not None:
+            k["strength"] = strength
+        return k
+
+    def stamp(self, policy: str, result: dict) -> dict:
+        """``result`` (a stored dict), with the hash of the base's answers where others depend on them."""
+        if policy == "base" and self.base_answers is not None:
+            answers = json.dumps(self.base_answers(result)).encode()
+            result["config"]["answers_hash"] = hashlib.sha256(answers).hexdigest()[:16]
+        return result
+
+    def reusable_answers(self, cached: dict | None, key: dict) -> Any:
+        """The answers of a stored result whose key differs from ``key`` only in :attr:`answer_only`
+        (e.g. only the judge changed: the policy's answers are still valid, the verdicts are redone)."""
+        if self.answers is None or not cached:
+            return None
+        old = cached.get("key", {})
+        if {a: b for a, b in old.items() if a not in self.answer_only} != {a: b for a, b in key.items()
+                                                                          if a not in self.answer_only}:
+            return None
+        return self.answers(cached["result"]) or None
 
     def item_scores(self, result: dict) -> tuple[list, np.ndarray] | None:
         """(item keys, per-item primary scores) of a stored result, or None without samples."""
@@ -103,6 +160,9 @@ ANSWER_METRICS = ("win_rate", "repeated_4grams")
 
 
 # --------------------------------------------------------------------------- the evaluators
+# Each takes (ctx, policy, base, name, reuse=None); those of entries with ``strengths=True`` also take
+# ``strengths``: then ``policy`` is a Q-Adapter and the result is {strength: EvalResult}, every
+# strength scored from the same forwards by qadapter.scoring.score(..., strengths=...).
 def _mmlu(n_shot: int):
     def run(ctx, policy, base, name, reuse=None):
         from ...evaluation import evaluate_mmlu
@@ -113,16 +173,42 @@ def _mmlu(n_shot: int):
 
 
 def _arc(subset: str):
-    def run(ctx, policy, base, name, reuse=None):
+    def run(ctx, policy, base, name, reuse=None, strengths=None):
         from ...evaluation import evaluate_arc
 
-        return evaluate_arc(policy, subset=subset, batch_size=ctx.batch_size, data_dir=ctx.data_dir,
-                            **ctx.common(f"arc_{subset}"))
+        if strengths is None:
+            return evaluate_arc(policy, subset=subset, batch_size=ctx.batch_size, data_dir=ctx.data_dir,
+                                **ctx.common(f"arc_{subset}"))
+        return _arc_at(ctx, policy, subset, strengths)
+    return run
 
-    def at_strengths(ctx, qa, strengths):
-        return arc_at_strengths(qa, subset, strengths, limit=ctx.limits.get(f"arc_{subset}"), seed=ctx.seed,
-                                batch_size=ctx.batch_size, data_dir=ctx.data_dir, progress=ctx.progress)
-    return run, at_strengths
+
+def _arc_at(ctx, qa, subset: str, strengths: Sequence[float], n_boot: int = 1000) -> dict[float, Any]:
+    # evaluate_arc's items, requests (the BOS of a raw context included) and metrics (checked in
+    # tests/test_compare.py), each question's context computed once for all its choices and strengths
+    from ...chat import bos_prefix
+    from ...evaluation.benchmarks import load_arc
+    from ...evaluation.policy import pad_token_id
+    from ...evaluation.scoring import _prepare_requests
+    from ...evaluation.stats import subsample
+    from ...evaluation.tasks import _encode_pair, multiple_choice_result
+    from ...scoring import score
+
+    limit = ctx.limits.get(f"arc_{subset}")
+    items = subsample(load_arc(subset, ctx.data_dir), limit, ctx.seed)
+    requests, owners = [], []
+    prefix = bos_prefix(qa.tokenizer)
+    for i, item in enumerate(items):
+        for continuation in item.continuations:
+            requests.append(_encode_pair(qa.tokenizer, item.context, continuation, prefix))
+            owners.append(i)
+    scores = score(qa.model, _prepare_requests(requests, None), settings=qa.settings, policies=(),
+                   strengths=list(strengths), pad_token_id=pad_token_id(qa.tokenizer), batch_size=ctx.batch_size,
+                   progress=ctx.progress, desc=f"arc_{subset} at every strength")
+    return {strength: multiple_choice_result(items, owners, scores.logprobs[strength_name(strength)],
+                                             task=f"arc_{subset}", n_boot=n_boot, seed=ctx.seed,
+                                             config={"subset": subset, "limit": limit, "seed": ctx.seed, "chat": False})
+            for strength in strengths}
 
 
 def _gsm8k(ctx, policy, base, name, reuse=None):
@@ -139,7 +225,7 @@ def _bbh(ctx, policy, base, name, reuse=None):
                         data_dir=ctx.data_dir, **ctx.common("bbh"))
 
 
-def _kl(ctx, policy, base, name, reuse=None):
+def _kl(ctx, policy, base, name, reuse=None, strengths=None):
     """KL(π‖π1) on general prompts: the base model answers them once; every policy is scored on those answers."""
     from ...evaluation import kl_from_base
 
@@ -147,23 +233,58 @@ def _kl(ctx, policy, base, name, reuse=None):
         return kl_from_base(policy, base, max_new_tokens=ctx.max_new_tokens, data_dir=ctx.data_dir,
                             batch_size=ctx.batch_size, **ctx.common("kl"))
     ref = ctx.base_extra("kl")
+    if strengths is not None:
+        return _kl_at(ctx, policy, strengths, ref["prompts"], ref["responses"])
     common = ctx.common("kl")
     common.pop("limit")
     return kl_from_base(policy, base, prompts=ref["prompts"], responses=ref["responses"],
                         max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, **common)
 
 
-def _kl_at_strengths(ctx, qa, strengths):
-    ref = ctx.base_extra("kl")
-    return kl_at_strengths(qa, strengths, prompts=ref["prompts"], responses=ref["responses"],
-                           max_new_tokens=ctx.max_new_tokens, seed=ctx.seed, batch_size=ctx.batch_size,
-                           progress=ctx.progress)
+def _kl_at(ctx, qa, strengths, prompts, responses, n_boot: int = 1000) -> dict[float, Any]:
+    # kl_from_base of the Q-Adapter at every strength from its own base branch, on the base model's
+    # fixed answers (checked in tests/test_compare.py against the evaluator at each strength)
+    from ...chat import as_messages, encode_prompt
+    from ...evaluation.policy import encode, pad_token_id
+    from ...evaluation.stats import EvalResult, make_metric
+    from ...scoring import score
+
+    tok = qa.tokenizer
+    messages = [as_messages(p) for p in prompts]
+    rows = []
+    for i, (prompt, response) in enumerate(zip(messages, responses)):
+        resp = encode(tok, response)
+        if resp:
+            rows.append((i, encode_prompt(tok, prompt), resp))
+    kls = {}
+    if rows:
+        kls = score(qa.model, [(pr, r) for _, pr, r in rows], settings=qa.settings, policies=(),
+                    strengths=list(strengths), kl="policy||base", pad_token_id=pad_token_id(tok),
+                    batch_size=ctx.batch_size, progress=ctx.progress, desc="KL at every strength").kl
+    out = {}
+    n_tokens = sum(len(r[2]) for r in rows)
+    for strength in strengths:
+        sums = kls.get(strength_name(strength), [])
+        per_prompt = {i: v / len(resp) for (i, _, resp), v in zip(rows, sums)}
+        order = sorted(per_prompt)
+        values = [per_prompt[i] for i in order]
+        result = EvalResult("kl_from_base", len(values), {"kl": make_metric(values, n_boot, ctx.seed)}, "kl",
+                            {"direction": "policy||base", "limit": None, "seed": ctx.seed,
+                             "max_new_tokens": ctx.max_new_tokens, "n_prompts": len(messages)},
+                            samples=[{"index": i, "kl": per_prompt[i]} for i in order])
+        result.extra.update(kl_token_mean=float(sum(sums)) / n_tokens if n_tokens else float("nan"), n_tokens=n_tokens,
+                            skipped_empty=len(messages) - len(values), prompts=messages, responses=list(responses),
+                            kl_max_prompt=float(np.max(values)) if values else float("nan"))
+        out[strength] = result
+    return out
 
 
-def _preferences(ctx, policy, base, name, reuse=None):
+def _preferences(ctx, policy, base, name, reuse=None, strengths=None):
     """Every point's margins against the base's own log-likelihoods (scored once, by the base's entry)."""
     from ...evaluation import evaluate_preferences
 
+    if strengths is not None:
+        return _preferences_at(ctx, policy, strengths)
     known = None
     if name != "base" and "preferences" in ctx.results.get("base", {}):
         known = {x["index"]: (x["logp_chosen"], x["logp_rejected"]) for x in ctx.base_samples("preferences")}
@@ -171,140 +292,23 @@ def _preferences(ctx, policy, base, name, reuse=None):
                                 **ctx.common("preferences"))
 
 
-def _preferences_at(ctx, qa, strengths):
-    return preferences_at_strengths(qa, ctx.held_out, strengths, limit=ctx.limits.get("preferences"), seed=ctx.seed,
-                                    batch_size=ctx.batch_size, progress=ctx.progress)
-
-
-def _win_rate(ctx, policy, base, name, reuse=None):
-    """The judged win rate against the base's answers (generated once, by the base's own entry)."""
-    from ...evaluation import generate_texts, win_rate
-
-    common = ctx.common("win_rate")
-    common.pop("limit")
-    if name == "base":
-        answers = reuse or generate_texts(policy, ctx.win_prompts, max_new_tokens=ctx.max_new_tokens,
-                                          batch_size=ctx.batch_size, progress=ctx.progress,
-                                          desc="win_rate: base answers")
-        return win_rate(policy, base, ctx.judge(), prompts=ctx.win_prompts, policy_answers=answers,
-                        base_answers=answers, max_new_tokens=ctx.max_new_tokens, **common)
-    return win_rate(policy, base, ctx.judge(), prompts=ctx.win_prompts, base_answers=ctx.base_extra("win_rate")["base_answers"],
-                    policy_answers=reuse, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, **common)
-
-
-def _correct(sample: dict) -> float:
-    return float(sample["pred"] == sample["gold"])
-
-
-_arc_easy, _arc_easy_at = _arc("easy")
-_arc_challenge, _arc_challenge_at = _arc("challenge")
-
-#: every evaluation, in table order. The default limits are small enough that a 135M model on a
-#: 2-core CPU scores one policy in a few minutes (docs/evaluation.md "Cost on a CPU"); ``bbh`` is
-#: per task, ``preferences`` counts held-out pairs, ``win_rate`` held-out prompts, ``kl`` general prompts.
-REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
-    Evaluation("mmlu0", (Column("mmlu0", "mmlu0", "acc", "MMLU 0-shot"),), _mmlu(0), _correct,
-               retention=True, default_limit=50),
-    Evaluation("mmlu5", (Column("mmlu5", "mmlu5", "acc", "MMLU 5-shot"),), _mmlu(5), _correct,
-               retention=True, default_limit=10),
-    Evaluation("arc_easy", (Column("arc_easy", "arc_easy", "acc", "ARC-Easy"),), _arc_easy, _correct,
-               retention=True, at_strengths=_arc_easy_at, default_limit=50),
-    Evaluation("arc_challenge", (Column("arc_challenge", "arc_challenge", "acc", "ARC-Challenge"),), _arc_challenge,
-               _correct, retention=True, at_strengths=_arc_challenge_at, default_limit=50),
-    Evaluation("gsm8k", (Column("gsm8k", "gsm8k", "exact_match", "GSM8K-CoT 8-shot"),), _gsm8k,
-               lambda s: float(s["pred"] == s["target"]), key_fields=("max_new_tokens",), retention=True,
-               default_limit=5),
-    Evaluation("bbh", (Column("bbh", "bbh", "exact_match", "BBH 3-shot CoT"),), _bbh,
-               lambda s: float(s["exact_match"]), key_fields=("max_new_tokens", "bbh_tasks"), retention=True,
-               default_limit=1),
-    Evaluation("kl", (Column("kl", "kl", "kl", "KL(π‖π1)"),), _kl, lambda s: float(s["kl"]),
-               key_fields=("max_new_tokens",), at_strengths=_kl_at_strengths, default_limit=20),
-    Evaluation("preferences", (Column("pref_acc", "preferences", "likelihood_accuracy", "pref. accuracy"),
-                               Column("margin_acc", "preferences", "margin_accuracy", "margin accuracy"),
-                               Column("margin", "preferences", "mean_margin", "margin")),
-               _preferences, lambda s: float(ties_half(np.asarray(s["logp_chosen"] - s["logp_rejected"]))),
-               key_fields=("held_out",), benchmark=False, at_strengths=_preferences_at),
-    Evaluation("win_rate", (Column("win_rate", "win_rate", "win_rate", "win rate vs base"),
-                            Column("repetition", "win_rate", "repeated_4grams", "repeated 4-grams")), _win_rate,
-               lambda s: float(s["p"]), key_fields=("max_new_tokens", "held_out", "answer_metrics"), benchmark=False,
-               default_limit=20),
-)}
-
-#: the retention benchmarks, by the name ``--benchmarks`` takes (``kl`` is the KL from the base model)
-BENCHMARKS: dict[str, Column] = {e.name: e.columns[0] for e in REGISTRY.values() if e.benchmark}
-#: the benchmarks whose score drop is "retention lost" (higher is better for each)
-RETENTION_BENCHMARKS = tuple(e.name for e in REGISTRY.values() if e.retention)
-PREFERENCE_COLUMNS = REGISTRY["preferences"].columns
-WIN_RATE_COLUMN, REPETITION_COLUMN = REGISTRY["win_rate"].columns
-EVALUATIONS = tuple(REGISTRY)
-DEFAULT_LIMITS: dict[str, int | None] = {e.name: e.default_limit for e in REGISTRY.values()}
-
-
-def item_scores(evaluation: str, result: dict) -> tuple[list, np.ndarray] | None:
-    """(item keys, per-item primary scores) of a stored result of ``evaluation``, or None."""
-    entry = REGISTRY.get(evaluation)
-    return entry.item_scores(result) if entry else None
-
-
-def parse_limits(spec: str | int | dict | None) -> dict[str, int | None]:
-    """Subsample sizes per evaluation from ``"N"`` (every evaluation), ``"name=N,..."`` or both
-    (``"30,mmlu5=5,preferences=all"``); ``all`` / ``none`` mean every item. Unnamed evaluations keep
-    :data:`DEFAULT_LIMITS`."""
-    limits = dict(DEFAULT_LIMITS)
-    if spec is None:
-        return limits
-    if isinstance(spec, int):
-        return {k: spec for k in limits}
-    if isinstance(spec, dict):
-        unknown = set(spec) - set(limits)
-        if unknown:
-            raise ValueError(f"unknown evaluation(s) {sorted(unknown)} in limits; known: {', '.join(limits)}")
-        limits.update(spec)
-        return limits
-
-    def value(text: str) -> int | None:
-        text = text.strip().lower()
-        if text in ("all", "none", "full"):
-            return None
-        n = int(text)
-        if n < 1:
-            raise ValueError(f"a limit must be >= 1 (or 'all'), got {n}")
-        return n
-
-    named = {}
-    for part in (p.strip() for p in str(spec).split(",") if p.strip()):
-        if "=" in part:
-            name, _, n = part.partition("=")
-            name = name.strip()
-            if name not in limits:
-                raise ValueError(f"unknown evaluation {name!r} in --eval-limit; known: {', '.join(limits)}")
-            named[name] = value(n)
-        else:
-            limits = {k: value(part) for k in limits}
-    limits.update(named)
-    return limits
-
-
-
-# --------------------------------------------------------------------------- several strengths from the same forwards
-def preferences_at_strengths(qa, pairs, strengths: Sequence[float], *, limit, seed: int, batch_size: int,
-                              progress: bool, n_boot: int = 1000) -> dict[float, Any]:
-    """:func:`~qadapter.evaluation.evaluate_preferences` of the Q-Adapter ``qa`` at every strength
-    (against its own base view), from ONE scorer call: π1 and π̃ at each strength share every forward.
-    The same items, requests and metrics as the evaluator (checked in tests/test_compare.py)."""
+def _preferences_at(ctx, qa, strengths, n_boot: int = 1000) -> dict[float, Any]:
+    # evaluate_preferences of the Q-Adapter at every strength (against its own base view): π1 and π̃ at
+    # each strength share every forward; the same items, requests and metrics (tests/test_compare.py)
     from ...evaluation.policy import pad_token_id
     from ...evaluation.preference import encode_prompt_response, split_pair
     from ...evaluation.stats import EvalResult, make_metric, subsample
     from ...scoring import score
 
-    rows = subsample(list(enumerate(pairs)), limit, seed)
+    limit, seed = ctx.limits.get("preferences"), ctx.seed
+    rows = subsample(list(enumerate(ctx.held_out)), limit, seed)
     requests = []
     for _, row in rows:
         prompt, chosen, rejected = split_pair(row)
         requests.append(encode_prompt_response(qa.tokenizer, prompt, chosen))
         requests.append(encode_prompt_response(qa.tokenizer, prompt, rejected))
     scores = score(qa.model, requests, settings=qa.settings, policies=("base",), strengths=list(strengths),
-                   pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size, progress=progress,
+                   pad_token_id=pad_token_id(qa.tokenizer), batch_size=ctx.batch_size, progress=ctx.progress,
                    desc="preferences at every strength")
     lb = np.asarray(scores.logprobs["base"]).reshape(-1, 2)
     out = {}
@@ -323,68 +327,78 @@ def preferences_at_strengths(qa, pairs, strengths: Sequence[float], *, limit, se
     return out
 
 
-def arc_at_strengths(qa, subset: str, strengths: Sequence[float], *, limit, seed: int, batch_size: int, data_dir,
-                      progress: bool, n_boot: int = 1000) -> dict[float, Any]:
-    """:func:`~qadapter.evaluation.evaluate_arc` of the Q-Adapter ``qa`` at every strength from ONE
-    scorer call (each question's context computed once for all its choices and all strengths;
-    checked in tests/test_compare.py against the evaluator at each strength)."""
-    from ...evaluation.benchmarks import load_arc
-    from ...evaluation.policy import pad_token_id
-    from ...evaluation.scoring import _prepare_requests
-    from ...evaluation.stats import subsample
-    from ...evaluation.tasks import _encode_pair, multiple_choice_result
-    from ...scoring import score
+def _win_rate(ctx, policy, base, name, reuse=None):
+    """The judged win rate against the base's answers (generated once, by the base's own entry)."""
+    from ...evaluation import generate_texts, win_rate
 
-    items = subsample(load_arc(subset, data_dir), limit, seed)
-    requests, owners = [], []
-    for i, item in enumerate(items):
-        for continuation in item.continuations:
-            requests.append(_encode_pair(qa.tokenizer, item.context, continuation))
-            owners.append(i)
-    scores = score(qa.model, _prepare_requests(requests, None), settings=qa.settings, policies=(),
-                   strengths=list(strengths), pad_token_id=pad_token_id(qa.tokenizer), batch_size=batch_size,
-                   progress=progress, desc=f"arc_{subset} at every strength")
-    return {strength: multiple_choice_result(items, owners, scores.logprobs[strength_name(strength)],
-                                             task=f"arc_{subset}", n_boot=n_boot, seed=seed,
-                                             config={"subset": subset, "limit": limit, "seed": seed, "chat": False})
-            for strength in strengths}
+    common = ctx.common("win_rate")
+    common.pop("limit")
+    prompts = ctx.win_prompts()
+    if name == "base":
+        answers = reuse or generate_texts(policy, prompts, max_new_tokens=ctx.max_new_tokens,
+                                          batch_size=ctx.batch_size, progress=ctx.progress,
+                                          desc="win_rate: base answers")
+        return win_rate(policy, base, ctx.judge(), prompts=prompts, policy_answers=answers,
+                        base_answers=answers, max_new_tokens=ctx.max_new_tokens, **common)
+    return win_rate(policy, base, ctx.judge(), prompts=prompts, base_answers=ctx.base_extra("win_rate")["base_answers"],
+                    policy_answers=reuse, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, **common)
 
 
-def kl_at_strengths(qa, strengths: Sequence[float], *, prompts, responses, max_new_tokens: int, seed: int,
-                     batch_size: int, progress: bool, n_boot: int = 1000) -> dict[float, Any]:
-    """:func:`~qadapter.evaluation.kl_from_base` of the Q-Adapter ``qa`` at every strength from its
-    own base branch, on the base model's fixed answers, from ONE scorer call (checked in
-    tests/test_compare.py against the evaluator at each strength)."""
-    from ...evaluation.policy import encode, pad_token_id
-    from ...evaluation.stats import EvalResult, make_metric
-    from ...chat import as_messages, encode_prompt
-    from ...scoring import score
+def _correct(sample: dict) -> float:
+    return float(sample["pred"] == sample["gold"])
 
-    tok = qa.tokenizer
-    messages = [as_messages(p) for p in prompts]
-    rows = []
-    for i, (prompt, response) in enumerate(zip(messages, responses)):
-        resp = encode(tok, response)
-        if resp:
-            rows.append((i, encode_prompt(tok, prompt), resp))
-    kls = {}
-    if rows:
-        kls = score(qa.model, [(pr, r) for _, pr, r in rows], settings=qa.settings, policies=(),
-                    strengths=list(strengths), kl="policy||base", pad_token_id=pad_token_id(tok),
-                    batch_size=batch_size, progress=progress, desc="KL at every strength").kl
-    out = {}
-    n_tokens = sum(len(r[2]) for r in rows)
-    for strength in strengths:
-        sums = kls.get(strength_name(strength), [])
-        per_prompt = {i: v / len(resp) for (i, _, resp), v in zip(rows, sums)}
-        order = sorted(per_prompt)
-        values = [per_prompt[i] for i in order]
-        result = EvalResult("kl_from_base", len(values), {"kl": make_metric(values, n_boot, seed)}, "kl",
-                            {"direction": "policy||base", "limit": None, "seed": seed, "max_new_tokens": max_new_tokens,
-                             "n_prompts": len(messages)},
-                            samples=[{"index": i, "kl": per_prompt[i]} for i in order])
-        result.extra.update(kl_token_mean=float(sum(sums)) / n_tokens if n_tokens else float("nan"), n_tokens=n_tokens,
-                            skipped_empty=len(messages) - len(values), prompts=messages, responses=list(responses),
-                            kl_max_prompt=float(np.max(values)) if values else float("nan"))
-        out[strength] = result
-    return out
+
+#: every evaluation, in table order. The default limits are small enough that a 135M model on a
+#: 2-core CPU scores one policy in a few minutes (docs/evaluation.md "Cost on a CPU"); ``bbh`` is
+#: per task, ``preferences`` counts held-out pairs, ``win_rate`` held-out prompts, ``kl`` general prompts.
+REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
+    Evaluation("mmlu0", (Column("mmlu0", "mmlu0", "acc", "MMLU 0-shot"),), _mmlu(0), _correct,
+               retention=True, default_limit=50),
+    Evaluation("mmlu5", (Column("mmlu5", "mmlu5", "acc", "MMLU 5-shot"),), _mmlu(5), _correct,
+               retention=True, default_limit=10),
+    Evaluation("arc_easy", (Column("arc_easy", "arc_easy", "acc", "ARC-Easy"),), _arc("easy"), _correct,
+               retention=True, strengths=True, default_limit=50),
+    Evaluation("arc_challenge", (Column("arc_challenge", "arc_challenge", "acc", "ARC-Challenge"),), _arc("challenge"),
+               _correct, retention=True, strengths=True, default_limit=50),
+    Evaluation("gsm8k", (Column("gsm8k", "gsm8k", "exact_match", "GSM8K-CoT 8-shot"),), _gsm8k,
+               lambda s: float(s["pred"] == s["target"]), key_fields=("max_new_tokens",), retention=True,
+               default_limit=5),
+    Evaluation("bbh", (Column("bbh", "bbh", "exact_match", "BBH 3-shot CoT"),), _bbh,
+               lambda s: float(s["exact_match"]), key_fields=("max_new_tokens", "bbh_tasks"), retention=True,
+               default_limit=1),
+    Evaluation("kl", (Column("kl", "kl", "kl", "KL(π‖π1)"),), _kl, lambda s: float(s["kl"]),
+               key_fields=("max_new_tokens",), strengths=True, default_limit=20,
+               base_answers=lambda result: result["extra"]["responses"]),
+    Evaluation("preferences", (Column("pref_acc", "preferences", "likelihood_accuracy", "pref. accuracy"),
+                               Column("margin_acc", "preferences", "margin_accuracy", "margin accuracy"),
+                               Column("margin", "preferences", "mean_margin", "margin")),
+               _preferences, lambda s: float(ties_half(np.asarray(s["logp_chosen"] - s["logp_rejected"]))),
+               key_fields=("held_out",), benchmark=False, strengths=True),
+    Evaluation("win_rate", (Column("win_rate", "win_rate", "win_rate", "win rate vs base"),
+                            Column("repetition", "win_rate", "repeated_4grams", "repeated 4-grams")), _win_rate,
+               lambda s: float(s["p"]), key_fields=("max_new_tokens", "held_out", "answer_metrics"), benchmark=False,
+               default_limit=20, base_answers=lambda result: result["extra"]["base_answers"], judged=True,
+               answers=lambda result: result["extra"].get("policy_answers"), answer_only=("judge", "answer_metrics")),
+)}
+
+#: the retention benchmarks, by the name ``--benchmarks`` takes (``kl`` is the KL from the base model)
+BENCHMARKS: dict[str, Column] = {e.name: e.columns[0] for e in REGISTRY.values() if e.benchmark}
+#: the benchmarks whose score drop is "retention lost" (higher is better for each)
+RETENTION_BENCHMARKS = tuple(e.name for e in REGISTRY.values() if e.retention)
+PREFERENCE_COLUMNS = REGISTRY["preferences"].columns
+WIN_RATE_COLUMN, REPETITION_COLUMN = REGISTRY["win_rate"].columns
+EVALUATIONS = tuple(REGISTRY)
+DEFAULT_LIMITS: dict[str, int | None] = {e.name: e.default_limit for e in REGISTRY.values()}
+
+
+def selected(benchmarks, judged: bool) -> list[Evaluation]:
+    """The evaluations a comparison runs, in table order: the named ``benchmarks``, every entry that
+    is not a benchmark, and the judged ones only with a judge (``judged``)."""
+    return [e for e in REGISTRY.values()
+            if (e.name in benchmarks if e.benchmark else True) and (judged or not e.judged)]
+
+
+def item_scores(evaluation: str, result: dict) -> tuple[list, np.ndarray] | None:
+    """(item keys, per-item primary scores) of a stored result of ``evaluation``, or None."""
+    entry = REGISTRY.get(evaluation)
+    return entry.item_scores(result) if entry else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from ...io import save_figure
 from .evaluations import BENCHMARKS, Column
 from .results import Comparison, cell, metric, table
 
@@ -117,5 +118,4 @@ def plot_frontier(path: Path, comparison: Comparison, columns: Sequence[Column])
                 ax.legend(fontsize=7, loc="best")
     fig.suptitle("Frontier: preference (y) against retention (x); bars: bootstrap 95% intervals", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -1,6 +1,6 @@
 """Methods a comparison trains and the policies it evaluates.
 
-A method spec is a method of :data:`METHOD_REGISTRY` with settings of its own (``dpo:beta=0.3``);
+A method spec is a method of :data:`qadapter.recipes.methods.METHOD_REGISTRY` with settings of its own (``dpo:beta=0.3``);
 every evaluated policy is a :class:`PolicyPoint`: the base model, a trained spec, or a Q-Adapter
 spec at one decode-time strength (``qadapter@0.5``).
 """
@@ -12,40 +12,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..methods import METHOD_REGISTRY, MethodParam  # noqa: F401  (MethodParam: re-exported)
+
 
 #: the methods compared by default (the paper's Table: Q-Adapter and its SFT / Replay / DPO baselines)
 METHODS = ("qadapter", "sft", "replay", "dpo")
 
 
 # --------------------------------------------------------------------------- method specs and policy points
-@dataclass(frozen=True)
-class MethodParam:
-    """A training setting a method spec may change: ``job.<field>`` or ``config.<field>``."""
-
-    target: str  # "job" or "config"
-    field: str
-    type: type
-    label: str
-    zero_ok: bool = False  # 0 is a valid value (else a setting must be > 0)
-
-
-#: every method ``run_comparison`` trains, and the settings its spec (``method:name=value,...``) may
-#: set. A new method or knob is one entry here; nothing else in this module names a method's settings.
-_BUDGET = {"max_steps": MethodParam("config", "max_steps", int, "steps"),
-           "learning_rate": MethodParam("config", "learning_rate", float, "lr")}
-
-
-METHOD_REGISTRY: dict[str, dict[str, MethodParam]] = {
-    # beta=0 drops the χ² term: the residual objective is then DPO's loss with β = alpha_tilde, exactly
-    "qadapter": {**_BUDGET, "beta": MethodParam("config", "beta", float, "β (χ²)", zero_ok=True),
-                 "alpha_tilde": MethodParam("config", "alpha_tilde", float, "α̃")},
-    "sft": dict(_BUDGET),
-    "replay": dict(_BUDGET),
-    "dpo": {**_BUDGET, "beta": MethodParam("job", "dpo_beta", float, "β")},
-    "sft_kl": {**_BUDGET, "kl_weight": MethodParam("job", "kl_weight", float, "KL weight")},
-}
-
-
 def number_text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -70,17 +44,17 @@ class MethodSpec:
         return self.method + "".join(f"_{k}={number_text(v)}" for k, v in self.params)
 
     def setting_label(self) -> str:
-        return ", ".join(f"{METHOD_REGISTRY[self.method][k].label}={number_text(v)}" for k, v in self.params)
+        return ", ".join(f"{METHOD_REGISTRY[self.method].params[k].label}={number_text(v)}" for k, v in self.params)
 
     def apply(self, job, config):
         """(job, config) of this spec: copies of the comparison's with the spec's settings."""
-        job_changes = {METHOD_REGISTRY[self.method][k].field: v for k, v in self.params
-                       if METHOD_REGISTRY[self.method][k].target == "job"}
+        job_changes = {METHOD_REGISTRY[self.method].params[k].field: v for k, v in self.params
+                       if METHOD_REGISTRY[self.method].params[k].target == "job"}
         job = dataclasses.replace(job, method=self.method, **job_changes)
         tied = config.alpha_0 == config.alpha_tilde  # α0 resolved to α̃ by QAdapterConfig (residual default)
         config = copy.deepcopy(config)
         for k, v in self.params:
-            param = METHOD_REGISTRY[self.method][k]
+            param = METHOD_REGISTRY[self.method].params[k]
             if param.target == "config":
                 setattr(config, param.field, v)
         if tied and "alpha_tilde" in dict(self.params) and "alpha_0" not in dict(self.params):
@@ -98,7 +72,7 @@ def parse_method_spec(text: "str | MethodSpec") -> MethodSpec:
     method = method.strip()
     if method not in METHOD_REGISTRY:
         raise ValueError(f"method spec {spec!r}: unknown method {method!r}; known: {', '.join(METHOD_REGISTRY)}")
-    known = METHOD_REGISTRY[method]
+    known = METHOD_REGISTRY[method].params
     params: dict[str, Any] = {}
     for part in (p.strip() for p in rest.split(",") if p.strip()) if rest.strip() else ():
         key, eq, value = part.partition("=")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ...evaluation.stats import bootstrap_means
-from ...io import write_text_atomically
+from ...io import save_figure, write_text_atomically
 from .evaluations import (BENCHMARKS, PREFERENCE_COLUMNS, REPETITION_COLUMN, RETENTION_BENCHMARKS, WIN_RATE_COLUMN,
                           Column, item_scores)
 from .frontier import frontier_section, plot_frontier
@@ -100,7 +100,28 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
     points = {r["name"]: r for r in info.get("points") or []}
     specs = list(info.get("specs") or comparison.methods)  # the trained folders (a Q-Adapter's strengths share one)
 
-    # ---- CSV: one row per policy, every number with its interval and n (win rate empty when not measured)
+    write_csv(paths["csv"], comparison, trade, points)
+    # ---- the plot
+    _plot(paths["png"], trade, comparison)
+    frontier = plot_frontier(out / "frontier.png", comparison, columns)
+    if frontier:
+        paths["frontier"] = frontier
+    from ...plots import plot_training_curves
+
+    histories = {m: ((info.get("reports") or {}).get(m) or {}).get("log_history") for m in specs}
+    curves = plot_training_curves({m: h for m, h in histories.items() if h}, out / "training_curves.png",
+                                  title="Training curves of the compared methods")
+    if curves:
+        paths["curves"] = curves
+
+    md = results_markdown(comparison, columns, trade, judged, specs, paths)
+    md += how_made_markdown(comparison, specs, paths)
+    write_text_atomically(paths["md"], "\n".join(md))
+    return paths
+
+
+def write_csv(path: Path, comparison: Comparison, trade: dict, points: dict) -> None:
+    """results.csv: one row per policy, every number with its interval and n (win rate empty when not measured)."""
     csv_columns = _columns(comparison.benchmarks, True)
     header = ["policy", "method", "setting"]
     for c in csv_columns:
@@ -123,22 +144,14 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
         for m in metrics:
             cells += ["", "", "", ""] if m is None else [m["value"], m["ci_low"], m["ci_high"], m["n"]]
         writer.writerow(cells)
-    write_text_atomically(paths["csv"], buffer.getvalue())
+    write_text_atomically(path, buffer.getvalue())
 
-    # ---- the plot
-    _plot(paths["png"], trade, comparison)
-    frontier = plot_frontier(out / "frontier.png", comparison, columns)
-    if frontier:
-        paths["frontier"] = frontier
-    from ...plots import plot_training_curves
 
-    histories = {m: ((info.get("reports") or {}).get(m) or {}).get("log_history") for m in specs}
-    curves = plot_training_curves({m: h for m, h in histories.items() if h}, out / "training_curves.png",
-                                  title="Training curves of the compared methods")
-    if curves:
-        paths["curves"] = curves
 
-    # ---- markdown
+def results_markdown(comparison: Comparison, columns, trade: dict, judged: bool, specs: list[str],
+                     paths: dict) -> list[str]:
+    """results.md's opening, main table, frontier and trade-off sections."""
+    info, seed = comparison.info, comparison.info.get("eval_seed", 0)
     md = ["# Q-Adapter against the paper's baselines", ""]
     md.append(f"Base model `{info.get('model')}`, preference data `{info.get('data')}`; "
               f"methods: {', '.join(specs)}"
@@ -189,7 +202,13 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
            "of the method − the base model's, pairs paired. Lower-right of the plot is worse, upper-left better.",
            "", table(head, rows), "", "![trade-off](tradeoff.png)", ""]
 
-    # how it was made
+    return md
+
+
+def how_made_markdown(comparison: Comparison, specs: list[str], paths: dict) -> list[str]:
+    """results.md's last section: commands, training runs, judge, subsamples, definitions."""
+    info = comparison.info
+    md = []
     md += ["## How these numbers were made", ""]
     if info.get("commands"):
         md += ["Commands run in this folder, the last one made these tables (a rerun reuses every trained method "
@@ -238,8 +257,8 @@ def write_results(comparison: Comparison) -> dict[str, Path]:
            "(the base model gets 0.5 and 0 by definition). Every policy, the base included, is scored by the "
            "same code; a Q-Adapter through its composed logits (eq. 1). Per-item results: `eval/<policy>/*.json`.",
            ""]
-    write_text_atomically(paths["md"], "\n".join(md))
-    return paths
+    return md
+
 
 def _plot(path: Path, trade: dict[str, dict], comparison: Comparison) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -290,14 +309,14 @@ def _plot(path: Path, trade: dict[str, dict], comparison: Comparison) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("Both sides of the trade-off (upper-left is better; bars: bootstrap 95% intervals)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 def train_command(train_argv: Sequence[str], spec: "MethodSpec | str", folder: Path) -> str:
     """The ``qadapter train`` command line that trains ``spec`` exactly as the comparison did."""
     spec = parse_method_spec(spec)
     own = []
     for k, v in spec.params:
-        own += [f"--{METHOD_REGISTRY[spec.method][k].field}", number_text(v)]
+        own += [f"--{METHOD_REGISTRY[spec.method].params[k].field}", number_text(v)]
     return shlex.join(["qadapter", "train", *train_argv, "--method", spec.method, *own, "--output_dir", str(folder),
                        "--save_split", "true"])
 

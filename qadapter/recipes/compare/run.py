@@ -1,25 +1,29 @@
-"""Run a comparison: train every method spec, evaluate every policy point through the registry
-(:mod:`.evaluations`), write the report (:mod:`.report`). See the package docstring."""
+"""Run a comparison in four plain steps: :func:`plan` (check the request, record the training
+settings), :func:`train` (train or reuse every method spec, all on one split; the judge),
+:func:`evaluate` (every policy point through the registry of :mod:`.evaluations`, cached), and
+:func:`report` (:mod:`.report`). :func:`run_comparison` calls them in that order."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ...io import read_json, read_jsonl, sha256_files, write_json
 from .cache import adapter_fingerprint, folder_stamp, method_done, training_fingerprint
-from .evaluations import BENCHMARKS, REGISTRY, Context, parse_limits
+from .evaluations import BENCHMARKS, Context, selected
+from .judge import attach_judge, train_judge_model
+from .limits import parse_limits
+from .plan import Plan, Training
 from .methods import METHOD_REGISTRY, METHODS, MethodSpec, PolicyPoint, parse_method_spec, point_record, policy_points
 from .report import train_command, write_results
 from .results import Comparison
+
 
 def free_memory():
     gc.collect()
@@ -72,16 +76,30 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
             (default: the shipped copy); ``eval_seed``: subsample / bootstrap seed (default: ``config.seed``).
         train_argv, command: the ``qadapter train`` flags and the full command line, recorded in results.md.
     """
+    if judge is not None and train_judge:
+        raise ValueError("give a judge or train_judge=True, not both")
+    the_plan = plan(output_dir, job, config, methods=methods, strengths=strengths, strengths_for=strengths_for,
+                    benchmarks=benchmarks, limits=limits, bbh_tasks=bbh_tasks, max_new_tokens=max_new_tokens,
+                    eval_batch_size=eval_batch_size, eval_seed=eval_seed, data_dir=data_dir, device=device,
+                    dtype=dtype, train_argv=train_argv, command=command, judged=judge is not None or train_judge)
+    training = train(the_plan, progress=progress, log=log)
+    if train_judge:
+        judge = train_judge_model(the_plan, training, steps=judge_steps, learning_rate=judge_learning_rate,
+                                  batch_size=judge_batch_size, log=log)
+    ctx = the_plan.context(training, progress)
+    judge_info = attach_judge(the_plan, training, ctx, judge, trained_here=train_judge, log=log)
+    computed = evaluate(the_plan, ctx, progress=progress, log=log)
+    return report(the_plan, training, ctx, judge_info, computed, log=log)
+
+
+def plan(output_dir, job=None, config=None, *, methods, strengths, strengths_for, benchmarks, limits, bbh_tasks,
+         max_new_tokens, eval_batch_size, eval_seed, data_dir, device, dtype, train_argv, command, judged) -> Plan:
+    """Check the request (specs, strengths, benchmarks) and the output folder's recorded training
+    settings (a resumed comparison must train as before); record this call's command."""
     import torch
 
-    from ...evaluation import RewardModelJudge, base_policy, load_policy
-    from ...evaluation.stats import make_metric, subsample, ties_half
     from ...evaluation.tasks import DEFAULT_BBH_TASKS
-    from ...modeling import QAdapter
-    from ...stack import QAdapterStack
-    from ...trainer.reward_judge import train_reward_judge
     from ..config import parse_train_args
-    from ..train import run_training
 
     if job is None or config is None:
         default_job, default_config = parse_train_args([])
@@ -115,14 +133,19 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose among {', '.join(BENCHMARKS)}")
     benchmarks = [b for b in BENCHMARKS if b in set(benchmarks)]
-    if judge is not None and train_judge:
-        raise ValueError("give a judge or train_judge=True, not both")
-    limits = parse_limits(limits)
-    eval_seed = config.seed if eval_seed is None else eval_seed
-    bbh_tasks = list(bbh_tasks or DEFAULT_BBH_TASKS)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fingerprint, commands = record_training_settings(out, job, config, command)
+    return Plan(out=out, job=job, config=config, specs=specs, points=points, strengths=strengths,
+                benchmarks=benchmarks, evaluations=selected(benchmarks, judged), limits=parse_limits(limits),
+                eval_seed=config.seed if eval_seed is None else eval_seed,
+                bbh_tasks=list(bbh_tasks or DEFAULT_BBH_TASKS), max_new_tokens=max_new_tokens,
+                eval_batch_size=eval_batch_size, data_dir=data_dir,
+                device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype,
+                fingerprint=fingerprint, commands=commands, train_argv=train_argv)
 
-    # ---- the manifest: a resumed comparison must train with the same settings
+
+def record_training_settings(out: Path, job, config, command: str | None) -> tuple[dict, list[str]]:
+    """OUT/comparison.json: the settings every method trains with (a folder made with others is
+    refused) and the command lines that ran on it."""
     fingerprint = training_fingerprint(job, config)
     manifest_path = out / "comparison.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else {}
@@ -139,26 +162,29 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
         commands.append(command)
     manifest.update(training=fingerprint, commands=commands)
     write_json(manifest_path, manifest)
+    return fingerprint, commands
 
-    # ---- 1. train (or reuse) every method, all on the same split
-    trained: list[str] = []
-    reports: dict[str, dict] = {}
-    train_commands: dict[str, str] = {}
-    for spec in tqdm(specs, desc="training methods", disable=not progress):
-        method = spec.name
+
+def train(plan: Plan, *, progress: bool = True, log=print) -> Training:
+    """Train (or reuse, from OUT/<spec>/) every method spec, all on the same split."""
+    from ..train import run_training
+
+    out, job, config = plan.out, plan.job, plan.config
+    reports, train_commands, trained = {}, {}, []
+    for spec in tqdm(plan.specs, desc="training methods", disable=not progress):
         folder = out / spec.folder
         spec_record = {"spec": spec.name, "method": spec.method, "params": dict(spec.params)}
-        if train_argv is not None:
-            train_commands[method] = train_command(train_argv, spec, folder)
+        if plan.train_argv is not None:
+            train_commands[spec.name] = train_command(plan.train_argv, spec, folder)
         if method_done(folder):
             recorded = read_json(folder / "spec.json") if (folder / "spec.json").is_file() else None
             if recorded is not None and recorded != spec_record:
                 raise ValueError(f"{folder} was trained as {recorded.get('spec')!r}, not {spec.name!r}: use another "
                                  "output folder, or delete that one")
-            reports[method] = read_json(folder / "adapter" / "report.json")
-            log(f"{method}: trained already ({folder / 'adapter'}), reusing it")
+            reports[spec.name] = read_json(folder / "adapter" / "report.json")
+            log(f"{spec.name}: trained already ({folder / 'adapter'}), reusing it")
             continue
-        # the comparison measures every policy itself (section 3), so training measures nothing
+        # the comparison measures every policy itself (the evaluate step), so training measures nothing
         m_job, m_config = spec.apply(job, config)
         m_job = dataclasses.replace(m_job, save_split=True, train_eval_pairs=0, measure_held_out=False,
                                     show_examples=0)
@@ -168,230 +194,157 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
 
             last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
             if last:
-                log(f"{method}: resuming from {last}")
+                log(f"{spec.name}: resuming from {last}")
                 m_config.resume_from_checkpoint = last
-        log(f"{method}: training into {folder}")
-        reports[method] = run_training(m_job, m_config, log=log)
+        log(f"{spec.name}: training into {folder}")
+        reports[spec.name] = run_training(m_job, m_config, log=log)
         write_json(folder / "spec.json", spec_record)
-        trained.append(method)
+        trained.append(spec.name)
         free_memory()
-    for spec in specs:
+    for spec in plan.specs:
         rep = reports[spec.name]
         if rep.get("model") != job.model or rep.get("seed") != config.seed or rep.get("method") != spec.method:
             raise ValueError(f"{out / spec.folder} was trained as method {rep.get('method')!r} on {rep.get('model')!r} "
                              f"with seed {rep.get('seed')}; this comparison asks for {spec.method!r} on {job.model!r} "
                              f"with seed {config.seed}: use another output folder, or delete that one")
-    hashes = {sp.name: sha256_files([out / sp.folder / "split" / "train.jsonl", out / sp.folder / "split" / "held_out.jsonl"])
-              for sp in specs}
+    split_files = {sp.name: [out / sp.folder / "split" / "train.jsonl", out / sp.folder / "split" / "held_out.jsonl"]
+                   for sp in plan.specs}
+    hashes = {name: sha256_files(files) for name, files in split_files.items()}
     if len(set(hashes.values())) != 1:
         raise RuntimeError(f"the methods were trained on different splits ({hashes}); delete {out} and rerun")
-    split_dir = out / specs[0].folder / "split"
-    train_pairs, held_out = read_jsonl(split_dir / "train.jsonl"), read_jsonl(split_dir / "held_out.jsonl")
-    split_info = read_json(split_dir / "split.json") if (split_dir / "split.json").is_file() else reports[specs[0].name]["split"]
-    held_out_hash = sha256_files([split_dir / "held_out.jsonl"])
+    split_dir = out / plan.specs[0].folder / "split"
+    split_info = (read_json(split_dir / "split.json") if (split_dir / "split.json").is_file()
+                  else reports[plan.specs[0].name]["split"])
+    return Training(reports, train_commands, trained, read_jsonl(split_dir / "train.jsonl"),
+                    read_jsonl(split_dir / "held_out.jsonl"), sha256_files([split_dir / "held_out.jsonl"]), split_info)
 
-    # ---- 2. the judge
-    judge_obj, judge_info, judge_key = None, None, None
 
-    def get_judge():
-        nonlocal judge_obj
-        if judge_obj is None:
-            judge_obj = (RewardModelJudge(str(judge), device=device, batch_size=eval_batch_size)
-                         if isinstance(judge, (str, Path)) else judge)
-        return judge_obj
+# --------------------------------------------------------------------------- evaluate
+def policy_at(policy, strength: float | None):
+    """``policy`` decoded at ``strength`` (None: as saved): a view sharing its model, the policy
+    itself unchanged. A stack: the strength of its last level (the one the spec trained)."""
+    from ...stack import QAdapterStack
 
-    if train_judge:
-        judge_dir = out / "judge"
-        if (judge_dir / "judge_report.json").is_file():
-            log(f"judge: trained already ({judge_dir}), reusing it")
-            judge_report = read_json(judge_dir / "judge_report.json")
-        else:
-            judge_report = train_reward_judge(job.model, train_pairs, judge_dir, max_steps=judge_steps,
-                                              learning_rate=judge_learning_rate, batch_size=judge_batch_size,
-                                              max_length=config.max_length, seed=config.seed,
-                                              use_cpu=bool(getattr(config, "use_cpu", False)) or device == "cpu",
-                                              log=log)
-            trained.append("judge")
-        judge = str(judge_dir)
-        judge_info = {"description": f"a reward model trained here from the base model with TRL's RewardTrainer on "
-                                     f"the {judge_report['train_pairs']} training pairs ({judge_report['steps']} steps, "
-                                     f"batch {judge_report['batch_size']}, learning rate {judge_report['learning_rate']:g}), "
-                                     f"saved in `judge/`", "report": judge_report}
-    if judge is not None:
-        if isinstance(judge, (str, Path)):
-            judge_key = {"path": str(Path(judge).resolve()) if Path(judge).exists() else str(judge),
-                         "stamp": folder_stamp(Path(judge)) if Path(judge).is_dir() else None}
-            judge_info = judge_info or {"description": f"the reward model `{judge}` (sequence classification)"}
-        else:
-            judge_key = {"object": repr(judge)}
-            judge_info = judge_info or {"description": f"`{judge!r}`"}
-        # the judge's own held-out accuracy: how far its verdicts can be trusted
-        acc_path = out / "eval" / "judge" / "held_out_accuracy.json"
-        acc_key = {"judge": judge_key, "held_out": held_out_hash, "limit": limits["preferences"], "seed": eval_seed}
-        cached = read_json(acc_path) if acc_path.is_file() else None
-        if cached and cached.get("key") == acc_key:
-            judge_info["held_out_accuracy"] = cached["result"]
-        elif hasattr(get_judge(), "rewards"):
-            from ...evaluation.preference import split_pair
-
-            rows = subsample(held_out, limits["preferences"], eval_seed)
-            prompts, chosen, rejected = zip(*(split_pair(r) for r in rows))
-            rewards = get_judge().rewards(list(prompts) * 2, list(chosen) + list(rejected))
-            n = len(rows)
-            correct = ties_half(np.asarray(rewards[:n]) - np.asarray(rewards[n:]))
-            m = make_metric(correct, seed=eval_seed)
-            judge_info["held_out_accuracy"] = {"value": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "n": n}
-            write_json(acc_path, {"key": acc_key, "result": judge_info["held_out_accuracy"]})
+    if strength is None:
+        return policy
+    view = copy.copy(policy)
+    if isinstance(policy, QAdapterStack):
+        if policy.settings[-1].parameterization != "residual":
+            raise ValueError("strength applies to a residual Q-Adapter level")
+        view.strengths = list(policy.strengths[:-1]) + [float(strength)]
     else:
-        log("no judge (give --judge PATH or --train-judge): the win rate is not measured")
+        alpha_0, alpha_tilde = policy.settings.decoding_alphas(strength=strength)
+        view.settings = dataclasses.replace(policy.settings, alpha_0=alpha_0, alpha_tilde=alpha_tilde)
+    return view
 
-    # ---- 3. evaluate the base model and every method through the same evaluators (the registry's)
-    ctx = Context(limits=limits, seed=eval_seed, batch_size=eval_batch_size, max_new_tokens=max_new_tokens,
-                  bbh_tasks=bbh_tasks, data_dir=data_dir, held_out=held_out, held_out_hash=held_out_hash,
-                  progress=progress, judge=get_judge)
-    if judge is not None:
-        from ...chat import as_messages
-        from ...data import distinct_prompts
 
-        prompts = [as_messages(row["prompt"] if "prompt" in row else row["chosen"][:-1]) for row in held_out]
-        ctx.win_prompts = subsample(distinct_prompts(prompts), limits["win_rate"], eval_seed)
-    evaluations = list(benchmarks) + ["preferences"] + (["win_rate"] if judge is not None else [])
-    results = ctx.results
+def policy_fingerprint(plan: Plan, point: PolicyPoint) -> str:
+    if point.start:  # the earlier customization (a Q-Adapter or a stack folder) every spec was trained on
+        return f"on:{Path(plan.job.on).resolve()}:{folder_stamp(Path(plan.job.on))}"
+    if point.spec is None:
+        return f"model:{plan.job.model}"
+    return adapter_fingerprint(plan.out / point.spec.folder / "adapter")
+
+
+def load(plan: Plan, point: PolicyPoint):
+    """(policy, its base view) of a point's folder; trained on --on: a stack, whose base view is the
+    ORIGINAL base (margins and KL against it)."""
+    from ...evaluation import base_policy, load_policy
+
+    if point.spec is None and not point.start:
+        policy = load_policy(plan.job.model, device=plan.device, dtype=plan.dtype)
+        return policy, policy
+    folder = Path(plan.job.on) if point.start else plan.out / point.spec.folder / "adapter"
+    policy = load_policy(folder, base_model=plan.job.model, device=plan.device, dtype=plan.dtype)
+    return policy, base_policy(policy)
+
+
+def evaluate(plan: Plan, ctx: Context, *, progress: bool = True, log=print) -> list[tuple[str, str]]:
+    """Score every point with every selected evaluation, reusing each stored result whose cache key
+    matches; the points of one trained folder share one loaded model. Fills ``ctx.results``;
+    returns the (point, evaluation) pairs computed now."""
     computed: list[tuple[str, str]] = []
-
-    def key_for(point: PolicyPoint, policy_fp: str, evaluation: str) -> dict:
-        """The cache key of one stored result: it is reused only while every part matches."""
-        k = {"policy": point.name, "fingerprint": policy_fp, "evaluation": evaluation,
-             "limit": limits.get(evaluation), "seed": eval_seed, "data_dir": str(data_dir) if data_dir else None,
-             **REGISTRY[evaluation].key(ctx)}
-        # a policy's KL and win rate are measured on the base's answers: they are part of its key
-        if evaluation in ("kl", "win_rate") and point.name != "base":
-            k["base_answers"] = results["base"][evaluation]["config"].get("answers_hash")
-        if evaluation == "win_rate":
-            k["judge"] = judge_key
-        if point.strength is not None:
-            k["strength"] = point.strength
-        return k
-
-    # the points of one trained folder share one loaded model: a Q-Adapter's strengths are decoded
-    # from the same weights (its settings' α's set per point), and scored from the same forwards
-    groups: list[tuple[MethodSpec | None, list[PolicyPoint]]] = []
-    for point in points:
-        if groups and point.spec is not None and groups[-1][0] == point.spec:
-            groups[-1][1].append(point)
+    groups: list[list[PolicyPoint]] = []
+    for point in plan.points:  # a Q-Adapter's strengths: one folder, one load, one group
+        if groups and point.spec is not None and groups[-1][0].spec == point.spec:
+            groups[-1].append(point)
         else:
-            groups.append((point.spec, [point]))
-    for spec, group in groups:
-        start = group[0].start
-        if start:  # the earlier customization (a Q-Adapter or a stack folder) every spec was trained on
-            policy_fp = f"on:{Path(job.on).resolve()}:{folder_stamp(Path(job.on))}"
-        elif spec is None:
-            policy_fp = f"model:{job.model}"
-        else:
-            policy_fp = adapter_fingerprint(out / spec.folder / "adapter")
-        todos: dict[str, list] = {}
+            groups.append([point])
+    for group in groups:
+        fingerprint = policy_fingerprint(plan, group[0])
+        todo = {}  # point name -> [(evaluation, key, path, cached)]
         for point in group:
-            folder = out / "eval" / point.folder
-            results[point.name] = {}
-            todo = []
-            for evaluation in evaluations:
-                k = key_for(point, policy_fp, evaluation)
-                path = folder / f"{evaluation}.json"
+            ctx.results[point.name] = {}
+            for entry in plan.evaluations:
+                key = entry.cache_key(ctx, point.name, fingerprint, point.strength)
+                path = plan.out / "eval" / point.folder / f"{entry.name}.json"
                 cached = read_json(path) if path.is_file() else None
-                if cached and cached.get("key") == k:
-                    results[point.name][evaluation] = cached["result"]
+                if cached and cached.get("key") == key:
+                    ctx.results[point.name][entry.name] = cached["result"]
                 else:
-                    todo.append((evaluation, k, path, cached))
-            if todo:
-                todos[point.name] = todo
-            else:
-                log(f"{point.name}: every evaluation cached in {folder}")
-        if not todos:
-            continue
-        if spec is None and not start:
-            policy = load_policy(job.model, device=device, dtype=dtype)
-            base = policy
-        else:  # trained on --on: a stack, whose base view is the ORIGINAL base (margins and KL against it)
-            folder = Path(job.on) if start else out / spec.folder / "adapter"
-            policy = load_policy(folder, base_model=job.model, device=device, dtype=dtype)
-            base = base_policy(policy)
-        stack = isinstance(policy, QAdapterStack)
-        saved_alphas = (policy.settings.alpha_0, policy.settings.alpha_tilde) if isinstance(policy, QAdapter) else None
-        saved_strengths = list(policy.strengths) if stack else None
-        alphas: dict[str, tuple[float, float]] = {}
-        for point in group:
-            if point.strength is not None:
-                try:
-                    if stack:  # the strength of the level this spec trained; the earlier ones as saved
-                        if policy.settings[-1].parameterization != "residual":
-                            raise ValueError("strength applies to a residual Q-Adapter level")
-                        alphas[point.name] = tuple(saved_strengths[:-1]) + (float(point.strength),)
-                    else:
-                        alphas[point.name] = policy.settings.decoding_alphas(strength=point.strength)
-                except (AttributeError, ValueError) as e:
-                    raise ValueError(f"{spec.name} at strength {point.strength:g}: {e}") from None
-        # the scorer-based evaluations of every strength still to do: one scorer call for them all
-        precomputed: dict[tuple[str, str], dict] = {}
-        for evaluation in evaluations:
-            entry = REGISTRY[evaluation]
-            wanted = [pt for pt in group if pt.strength is not None and evaluation in
-                      {e for e, *_ in todos.get(pt.name, [])}]
-            if entry.at_strengths is None or len(wanted) < 2 or stack:  # a stack: each strength by itself
-                continue
-            log(f"{spec.name}: {evaluation} at strengths {', '.join(f'{pt.strength:g}' for pt in wanted)} "
-                "from the same forwards")
-            by_strength = entry.at_strengths(ctx, policy, [pt.strength for pt in wanted])
-            for pt in wanted:
-                precomputed[(pt.name, evaluation)] = by_strength[pt.strength].to_dict(samples=True)
-        try:
-            for point in group:
-                policy_name = point.name
-                if policy_name not in todos:
-                    continue
-                if stack:
-                    policy.strengths = list(alphas.get(policy_name, saved_strengths))
-                elif policy_name in alphas:
-                    policy.settings.alpha_0, policy.settings.alpha_tilde = alphas[policy_name]
-                elif saved_alphas is not None:
-                    policy.settings.alpha_0, policy.settings.alpha_tilde = saved_alphas
-                log(f"{policy_name}: evaluating {', '.join(e for e, *_ in todos[policy_name])}")
-                for evaluation, k, path, cached in tqdm(todos[policy_name], desc=f"evaluating {policy_name}",
-                                                        disable=not progress):
-                    reuse = None
-                    if evaluation == "win_rate" and cached:
-                        # only the judge (or what is computed from the answers) changed: the policy's answers are
-                        # still valid, only the verdicts and metrics are redone
-                        old, answer_only = cached.get("key", {}), ("judge", "answer_metrics")
-                        if ({a: b for a, b in old.items() if a not in answer_only}
-                                == {a: b for a, b in k.items() if a not in answer_only}):
-                            reuse = cached["result"]["extra"].get("policy_answers") or None
-                    result = precomputed.get((policy_name, evaluation))
-                    if result is None:
-                        result = REGISTRY[evaluation].run(ctx, policy, base, policy_name, reuse).to_dict(samples=True)
-                    if policy_name == "base" and evaluation in ("kl", "win_rate"):
-                        answers = result["extra"]["responses" if evaluation == "kl" else "base_answers"]
-                        result["config"]["answers_hash"] = hashlib.sha256(json.dumps(answers).encode()).hexdigest()[:16]
-                    write_json(path, {"key": k, "result": result})
-                    results[policy_name][evaluation] = result
-                    computed.append((policy_name, evaluation))
-        finally:
-            if saved_alphas is not None:
-                policy.settings.alpha_0, policy.settings.alpha_tilde = saved_alphas
-            if saved_strengths is not None:
-                policy.strengths = saved_strengths
-        del policy, base
-        free_memory()
+                    todo.setdefault(point.name, []).append((entry, key, path, cached))
+            if point.name not in todo:
+                log(f"{point.name}: every evaluation cached in {plan.out / 'eval' / point.folder}")
+        if todo:
+            computed += evaluate_group(plan, ctx, group, todo, progress=progress, log=log)
+    return computed
 
-    # ---- 4. write the tables and the plot
+
+def evaluate_group(plan: Plan, ctx: Context, group: list[PolicyPoint], todo: dict, *, progress: bool,
+                   log=print) -> list[tuple[str, str]]:
+    """The missing results of one folder's points: the evaluations that score strengths do all of a
+    Q-Adapter's strengths in one scorer call; everything else one point at a time."""
+    from ...modeling import QAdapter
+
+    policy, base = load(plan, group[0])
+    try:
+        for point in group:  # an impossible strength fails before anything is computed
+            policy_at(policy, point.strength)
+    except (AttributeError, ValueError) as e:
+        raise ValueError(f"{group[0].spec.name} at strength {point.strength:g}: {e}") from None
+    done: dict[tuple[str, str], dict] = {}
+    for entry in plan.evaluations:
+        wanted = [pt for pt in group if pt.strength is not None and any(e is entry for e, *_ in todo.get(pt.name, []))]
+        if not entry.strengths or len(wanted) < 2 or not isinstance(policy, QAdapter):  # a stack: one at a time
+            continue
+        log(f"{group[0].spec.name}: {entry.name} at strengths {', '.join(f'{pt.strength:g}' for pt in wanted)} "
+            "from the same forwards")
+        by_strength = entry.run(ctx, policy, base, wanted[0].name, strengths=[pt.strength for pt in wanted])
+        for pt in wanted:
+            done[(pt.name, entry.name)] = by_strength[pt.strength].to_dict(samples=True)
+    computed = []
+    for point in group:
+        if point.name not in todo:
+            continue
+        view = policy_at(policy, point.strength)
+        log(f"{point.name}: evaluating {', '.join(e.name for e, *_ in todo[point.name])}")
+        for entry, key, path, cached in tqdm(todo[point.name], desc=f"evaluating {point.name}", disable=not progress):
+            result = done.get((point.name, entry.name))
+            if result is None:
+                reuse = entry.reusable_answers(cached, key)
+                result = entry.run(ctx, view, base, point.name, reuse).to_dict(samples=True)
+            write_json(path, {"key": key, "result": entry.stamp(point.name, result)})
+            ctx.results[point.name][entry.name] = result
+            computed.append((point.name, entry.name))
+    del policy, base
+    free_memory()
+    return computed
+
+
+def report(plan: Plan, training: Training, ctx: Context, judge_info: dict | None, computed, log=print) -> Comparison:
+    """Write results.md, results.csv and the plots; return the :class:`Comparison`."""
+    config, job = plan.config, plan.job
     lora = (f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
             f"target modules {config.lora_target_modules}")
-    info = {"model": job.model, "on": getattr(job, "on", None), "data": reports[specs[0].name].get("data", job.data), "split": split_info,
-            "train_seed": config.seed, "eval_seed": eval_seed, "lora": lora, "commands": commands,
-            "train_commands": train_commands, "training_settings": fingerprint, "reports": reports,
-            "judge": judge_info, "limits": limits, "bbh_tasks": bbh_tasks, "max_new_tokens": max_new_tokens,
-            "specs": [sp.name for sp in specs], "strengths": strengths,
-            "points": [point_record(pt) for pt in points]}
-    comparison = Comparison(out, [pt.name for pt in points[1:]], benchmarks, results, info, trained, computed)
+    info = {"model": job.model, "on": getattr(job, "on", None),
+            "data": training.reports[plan.specs[0].name].get("data", job.data), "split": training.split_info,
+            "train_seed": config.seed, "eval_seed": plan.eval_seed, "lora": lora, "commands": plan.commands,
+            "train_commands": training.train_commands, "training_settings": plan.fingerprint,
+            "reports": training.reports, "judge": judge_info, "limits": plan.limits, "bbh_tasks": plan.bbh_tasks,
+            "max_new_tokens": plan.max_new_tokens, "specs": [sp.name for sp in plan.specs],
+            "strengths": plan.strengths, "points": [point_record(pt) for pt in plan.points]}
+    comparison = Comparison(plan.out, [pt.name for pt in plan.points[1:]], plan.benchmarks, ctx.results, info,
+                            training.trained, computed)
     comparison.paths = write_results(comparison)
     log(f"results: {comparison.paths['md']}, {comparison.paths['csv']}, {comparison.paths['png']}")
     return comparison
