@@ -55,12 +55,14 @@ def _base_nll(base, prompts, answers, batch_size: int, progress: bool) -> list[f
     """π1's mean per-token NLL of each answer after its rendered prompt (None for an empty answer)."""
     from ..chat import encode_prompt
 
+    out: list[float | None] = [None] * len(answers)
+    if not any(answers):
+        return out
     tok = base.tokenizer
-    rows = [(i, encode_prompt(tok, p), encode(tok, a)) for i, (p, a) in enumerate(zip(prompts, answers))]
+    rows = [(i, encode_prompt(tok, p), encode(tok, a)) for i, (p, a) in enumerate(zip(prompts, answers)) if a]
     rows = [r for r in rows if r[2]]
     scored = continuation_logprobs(base, [(p, a) for _, p, a in rows], batch_size=batch_size, progress=progress,
                                    desc="fluency: base NLL")
-    out: list[float | None] = [None] * len(answers)
     for (i, _, ids), (logprob, _) in zip(rows, scored):
         out[i] = -logprob / len(ids)
     return out
