@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..chat import as_messages, encode_prompt
 from .benchmarks import load_general_prompts
 from .policy import encode
 from .repetition import repeated_ngram_fractions
@@ -47,14 +48,12 @@ def distinct_n(text: str, n: int = 2) -> float | None:
 def answer_statistics(answers: Sequence[str], lengths: Sequence[int], max_new_tokens: int) -> list[dict[str, Any]]:
     """Per answer: repeated 4-grams, distinct-2 (None without a bigram), token length, at the cap."""
     reps = repeated_ngram_fractions(answers, 4)
-    return [{"repeated_4grams": rep, "distinct_2": distinct_n(a, 2), "length": int(n), "at_cap": float(n >= max_new_tokens)}
-            for a, rep, n in zip(answers, reps, lengths)]
+    return [{"repeated_4grams": rep, "distinct_2": distinct_n(a, 2), "length": int(n),
+             "at_cap": float(n >= max_new_tokens)} for a, rep, n in zip(answers, reps, lengths)]
 
 
 def _base_nll(base, prompts, answers, batch_size: int, progress: bool) -> list[float | None]:
     """π1's mean per-token NLL of each answer after its rendered prompt (None for an empty answer)."""
-    from ..chat import encode_prompt
-
     out: list[float | None] = [None] * len(answers)
     if not any(answers):
         return out
@@ -75,8 +74,6 @@ def evaluate_fluency(policy, base, *, prompts: Sequence[Any] | None = None, limi
     (π1; for the base model itself, the policy). ``prompts`` (user turns or message lists), default
     ``limit`` (:data:`FLUENCY_PROMPTS` if None) prompts drawn (seeded) from :func:`load_general_prompts`.
     Primary: ``repeated_4grams``."""
-    from ..chat import as_messages
-
     if prompts is None:
         prompts = subsample(load_general_prompts(data_dir), FLUENCY_PROMPTS if limit is None else limit, seed)
     elif limit is not None:
@@ -87,7 +84,8 @@ def evaluate_fluency(policy, base, *, prompts: Sequence[Any] | None = None, limi
     lengths = [len(encode(policy.tokenizer, a)) for a in answers]
     stats = answer_statistics(answers, lengths, max_new_tokens)
     nlls = _base_nll(base, messages, answers, batch_size, progress)
-    samples = [{"index": i, "answer": a, **s, "base_nll": nll} for i, (a, s, nll) in enumerate(zip(answers, stats, nlls))]
+    samples = [{"index": i, "answer": a, **s, "base_nll": nll}
+               for i, (a, s, nll) in enumerate(zip(answers, stats, nlls))]
     metrics = {name: make_metric([s[name] for s in samples if s[name] is not None], n_boot, seed)
                for name in ("repeated_4grams", "distinct_2", "length", "at_cap", "base_nll")}
     result = EvalResult("fluency", len(samples), metrics, "repeated_4grams",

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..chat import as_messages
 from .benchmarks import DATA_DIR
 from .scoring import generate_texts
 from .stats import EvalResult, Metric, bootstrap_means, make_metric, subsample
@@ -182,8 +183,6 @@ def evaluate_ifeval(policy, *, limit: int | None = None, seed: int = 0, max_new_
     checkers. Primary: ``prompt_level_strict_acc``. The checkers' data is checked before generating."""
     ensure_nltk_data()
     docs = subsample(load_ifeval(data_dir), limit, seed)
-    from ..chat import as_messages
-
     responses = generate_texts(policy, [as_messages(d["prompt"]) for d in docs], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, progress=progress, desc="ifeval answers")
     records = score_ifeval(docs, responses)
