@@ -43,5 +43,5 @@ from ...trainer.reward_judge import train_reward_judge
 
 __all__ = ["BENCHMARKS", "DEFAULT_BENCHMARKS", "DEFAULT_LIMITS", "EVALUATIONS", "METHODS", "METHOD_REGISTRY",
            "PREFERENCE_COLUMNS", "REGISTRY", "RETENTION_BENCHMARKS", "WIN_RATE_COLUMN", "Column", "Comparison",
-           "Evaluation", "MethodParam", "MethodSpec", "PolicyPoint", "parse_limits", "parse_method_spec", "policy_points", "run_comparison", "tradeoff",
-           "train_reward_judge", "write_results"]
+           "Evaluation", "MethodParam", "MethodSpec", "PolicyPoint", "parse_limits", "parse_method_spec",
+           "policy_points", "run_comparison", "tradeoff", "train_reward_judge", "write_results"]
