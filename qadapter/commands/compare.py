@@ -48,7 +48,7 @@ def _strengths(text: str) -> list[float]:
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..recipes.compare import BENCHMARKS, DEFAULT_LIMITS, METHOD_REGISTRY, METHODS
+    from ..recipes.compare import BENCHMARKS, DEFAULT_BENCHMARKS, DEFAULT_LIMITS, METHOD_REGISTRY, METHODS
 
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
                         help="the comparison folder: one subfolder per method, eval/ (cached results), results.md, "
@@ -70,9 +70,11 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the Q-Adapter specs --strengths applies to (default: every qadapter spec); the others "
                              "are evaluated at their trained setting only, e.g. DPO through the residual objective, "
                              "qadapter:beta=0,alpha_tilde=0.3, as one point per β")
-    parser.add_argument("--benchmarks", type=_csv_list, default=list(BENCHMARKS), metavar="LIST",
-                        help=f"retention evaluations among {','.join(BENCHMARKS)} (default: all; kl = KL from the base "
-                             "model on general prompts). Held-out preference accuracy is always measured.")
+    parser.add_argument("--benchmarks", type=_csv_list, default=list(DEFAULT_BENCHMARKS), metavar="LIST",
+                        help=f"retention evaluations among {','.join(BENCHMARKS)} (default: "
+                             f"{','.join(DEFAULT_BENCHMARKS)}; kl = KL from the base model on general prompts; "
+                             "ifeval and fluency generate long answers: name them). Held-out preference accuracy is "
+                             "always measured.")
     defaults = ",".join(f"{k}={'all' if v is None else v}" for k, v in DEFAULT_LIMITS.items())
     parser.add_argument("--eval-limit", default=None, metavar="N|NAME=N,...",
                         help=f"items per evaluation: N for every one, or NAME=N (all = every item); default {defaults} "

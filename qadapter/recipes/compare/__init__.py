@@ -34,8 +34,8 @@ results.md / .csv, tradeoff.png), :mod:`.frontier` (frontier.png and its table),
 (:func:`run_comparison`: plan, train, evaluate, report).
 """
 
-from .evaluations import (BENCHMARKS, DEFAULT_LIMITS, EVALUATIONS, PREFERENCE_COLUMNS, REGISTRY, RETENTION_BENCHMARKS,
-                          WIN_RATE_COLUMN, Column, Evaluation)
+from .evaluations import (BENCHMARKS, DEFAULT_BENCHMARKS, DEFAULT_LIMITS, EVALUATIONS, PREFERENCE_COLUMNS, REGISTRY,
+                          RETENTION_BENCHMARKS, WIN_RATE_COLUMN, Column, Evaluation)
 from .limits import parse_limits
 from .methods import METHOD_REGISTRY, METHODS, MethodParam, MethodSpec, PolicyPoint, parse_method_spec, policy_points
 from .report import tradeoff, write_results
@@ -43,7 +43,7 @@ from .results import Comparison
 from .run import run_comparison
 from ...trainer.reward_judge import train_reward_judge
 
-__all__ = ["BENCHMARKS", "DEFAULT_LIMITS", "EVALUATIONS", "METHODS", "METHOD_REGISTRY", "PREFERENCE_COLUMNS", "REGISTRY",
-           "RETENTION_BENCHMARKS", "WIN_RATE_COLUMN", "Column", "Comparison", "Evaluation", "MethodParam", "MethodSpec",
-           "PolicyPoint", "parse_limits", "parse_method_spec", "policy_points", "run_comparison", "tradeoff",
-           "train_reward_judge", "write_results"]
+__all__ = ["BENCHMARKS", "DEFAULT_BENCHMARKS", "DEFAULT_LIMITS", "EVALUATIONS", "METHODS", "METHOD_REGISTRY",
+           "PREFERENCE_COLUMNS", "REGISTRY", "RETENTION_BENCHMARKS", "WIN_RATE_COLUMN", "Column", "Comparison",
+           "Evaluation", "MethodParam", "MethodSpec", "PolicyPoint", "parse_limits", "parse_method_spec",
+           "policy_points", "run_comparison", "tradeoff", "train_reward_judge", "write_results"]

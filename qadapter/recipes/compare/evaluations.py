@@ -106,6 +106,8 @@ class Evaluation:
     #: a stored result's own answers, reusable when only these key fields changed (None: never reused)
     answers: Callable[[dict], Any] | None = None
     answer_only: tuple[str, ...] = ()
+    #: run only when ``--benchmarks`` names it (generation-heavy: minutes per policy on a CPU)
+    opt_in: bool = False
 
     def key(self, ctx: Context) -> dict[str, Any]:
         values = {"max_new_tokens": ctx.max_new_tokens, "bbh_tasks": ctx.bbh_tasks, "held_out": ctx.held_out_hash,
@@ -344,6 +346,20 @@ def _win_rate(ctx, policy, base, name, reuse=None):
                     policy_answers=reuse, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, **common)
 
 
+def _ifeval(ctx, policy, base, name, reuse=None):
+    from ...evaluation.ifeval import evaluate_ifeval
+
+    return evaluate_ifeval(policy, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, data_dir=ctx.data_dir,
+                           **ctx.common("ifeval"))
+
+
+def _fluency(ctx, policy, base, name, reuse=None):
+    from ...evaluation.fluency import evaluate_fluency
+
+    return evaluate_fluency(policy, base, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size,
+                            data_dir=ctx.data_dir, **ctx.common("fluency"))
+
+
 def _correct(sample: dict) -> float:
     return float(sample["pred"] == sample["gold"])
 
@@ -379,10 +395,24 @@ REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
                lambda s: float(s["p"]), key_fields=("max_new_tokens", "held_out", "answer_metrics"), benchmark=False,
                default_limit=20, base_answers=lambda result: result["extra"]["base_answers"], judged=True,
                answers=lambda result: result["extra"].get("policy_answers"), answer_only=("judge", "answer_metrics")),
+    Evaluation("ifeval", (Column("ifeval", "ifeval", "prompt_level_strict_acc", "IFEval prompt strict"),
+                          Column("ifeval_loose", "ifeval", "prompt_level_loose_acc", "IFEval prompt loose"),
+                          Column("ifeval_inst", "ifeval", "inst_level_strict_acc", "IFEval instruction strict"),
+                          Column("ifeval_inst_loose", "ifeval", "inst_level_loose_acc", "IFEval instruction loose")),
+               _ifeval, lambda s: float(s["prompt_level_strict_acc"]), key_fields=("max_new_tokens",), retention=True,
+               default_limit=50, opt_in=True),
+    Evaluation("fluency", (Column("fluency", "fluency", "repeated_4grams", "fluency: repeated 4-grams"),
+                           Column("distinct_2", "fluency", "distinct_2", "fluency: distinct-2"),
+                           Column("answer_length", "fluency", "length", "fluency: tokens"),
+                           Column("base_nll", "fluency", "base_nll", "fluency: base NLL/token")),
+               _fluency, lambda s: float(s["repeated_4grams"]), key_fields=("max_new_tokens",), default_limit=100,
+               opt_in=True),
 )}
 
 #: the retention benchmarks, by the name ``--benchmarks`` takes (``kl`` is the KL from the base model)
 BENCHMARKS: dict[str, Column] = {e.name: e.columns[0] for e in REGISTRY.values() if e.benchmark}
+#: what ``--benchmarks`` measures when not given: every benchmark but the opt-in ones
+DEFAULT_BENCHMARKS = tuple(e.name for e in REGISTRY.values() if e.benchmark and not e.opt_in)
 #: the benchmarks whose score drop is "retention lost" (higher is better for each)
 RETENTION_BENCHMARKS = tuple(e.name for e in REGISTRY.values() if e.retention)
 PREFERENCE_COLUMNS = REGISTRY["preferences"].columns

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ...io import read_json, read_jsonl, sha256_files, write_json
 from .cache import adapter_fingerprint, folder_stamp, method_done, training_fingerprint
-from .evaluations import BENCHMARKS, Context, selected
+from .evaluations import BENCHMARKS, DEFAULT_BENCHMARKS, Context, selected
 from .judge import attach_judge, train_judge_model
 from .limits import parse_limits
 from .plan import Plan, Training
@@ -39,7 +39,7 @@ def free_memory():
 def run_comparison(output_dir: str | Path, job=None, config=None, *,
                    methods: Sequence["str | MethodSpec"] = METHODS, strengths: Sequence[float] | None = None,
                    strengths_for: Sequence[str] | None = None,
-                   benchmarks: Sequence[str] = tuple(BENCHMARKS), limits: str | int | dict | None = None,
+                   benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, limits: str | int | dict | None = None,
                    judge=None, train_judge: bool = False, judge_steps: int = 100, judge_learning_rate: float = 5e-5,
                    judge_batch_size: int = 8, bbh_tasks: Sequence[str] | None = None, max_new_tokens: int = 128,
                    eval_batch_size: int = 8, eval_seed: int | None = None, data_dir=None, device: str | None = None,
@@ -65,7 +65,8 @@ def run_comparison(output_dir: str | Path, job=None, config=None, *,
             Q-Adapter at its trained setting only (policy ``qadapter``).
         strengths_for: the qadapter specs (by name or spec text) ``strengths`` applies to; the other
             qadapter specs are evaluated at their trained setting only. None: every qadapter spec.
-        benchmarks: retention evaluations among :data:`BENCHMARKS` (``kl``: KL from the base model).
+        benchmarks: retention evaluations among :data:`BENCHMARKS` (``kl``: KL from the base model;
+            default :data:`DEFAULT_BENCHMARKS`: all but the opt-in ``ifeval`` and ``fluency``).
             Held-out preference accuracy and margins are always measured.
         limits: subsample sizes (see :func:`parse_limits`; default :data:`DEFAULT_LIMITS`).
         judge: a reward model folder / hub id (``RewardModelJudge``) or any judge object; with
