@@ -18,14 +18,20 @@ than it needs, so the whole run never exceeds ``--budget`` seconds, 480 by defau
   repeated as ``RESULT gpu_check_<name>: ...``. They need the embedded model (and score/train:
   ``datasets``, ``trl``); where one fails its last line of error is printed as the skip reason.
   decode.py measures CUDA when it is there; score.py and train.py measure the CPU of that machine.
+  ``--tokenizer DIR`` (a folder holding SmolLM2's tokenizer files) runs decode.py instead on a
+  random model of SmolLM2-135M's shape with that tokenizer: a machine without the embedded model
+  (a lent GPU: its package is 93 MB) still gets the decoding ratios (speed does not depend on the
+  weights: every run decodes exactly ``--new-tokens`` tokens).
 
 Why ``BF16_TOLERANCE = 2e-2``: bf16 keeps 8 significant bits, a relative rounding step of
 2**-8 = 3.9e-3. The fast paths compute the same sums in other orders and layouts (packed rows of
 several pairs, a chunked head), so every bf16 matmul rounds differently, and ~30 layers of such
-differences add up in the gradients; 2e-2 is about five rounding steps. A real error (a wrong
-mask, a misplaced state, a lost pair) moves the loss or the gradients by 1e-1 or more. The noise
-floor line shows how far bf16 itself is from float32 on the same batch: the fast paths must be no
-further from the bf16 straightforward step than that order.
+differences add up in the gradients; 2e-2 is about five rounding steps. Real errors are larger: on
+the tiny CPU model a lost pair moved the loss by 3.2e-2 and the gradients by 0.85 relative, and
+attending to the padding moved them by 3.6e-2 and 0.56 (tests/test_gpu_check.py checks the first).
+The noise floor line shows how far bf16 itself is from float32 on the same batch (on the tiny CPU
+model: 1.2e-3 loss, 9e-3 gradients); the fast paths should be no further from the bf16
+straightforward step than that order.
 
 Every line that matters starts with ``RESULT``, ``CHECK`` (pass/fail) or ``SKIP``; the exit status
 is 1 when a CHECK failed. Usage (one command; on a lent GPU, from the repository root):
@@ -38,10 +44,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,13 +82,9 @@ class Clock:
         return self.end - time.monotonic()
 
 
-def random_model(shape, device, seed: int = 0):
-    """A random Llama-shaped causal LM with a LoRA adapter (r=8, q_proj/v_proj, no dropout) whose
-    lora_B is random and non-zero, so the adapter branch really differs from the base."""
-    from peft import get_peft_model
+def random_llama(shape, device, seed: int = 0):
+    """A random Llama-shaped causal LM, initialized where it runs (a 1B model in seconds on a GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qadapter.backbone import lora_config
 
     hidden, intermediate, layers, heads, kv_heads, vocab = shape
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -90,8 +92,18 @@ def random_model(shape, device, seed: int = 0):
                          max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=0,
                          bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
     torch.manual_seed(seed)
-    with torch.device(device):  # initialized where it runs: a 1B model in seconds on a GPU
-        model = get_peft_model(LlamaForCausalLM(config), lora_config(8, 16, 0.0, ["q_proj", "v_proj"]))
+    with torch.device(device):
+        return LlamaForCausalLM(config)
+
+
+def random_model(shape, device, seed: int = 0):
+    """:func:`random_llama` with a LoRA adapter (r=8, q_proj/v_proj, no dropout) whose lora_B is
+    random and non-zero, so the adapter branch really differs from the base."""
+    from peft import get_peft_model
+
+    from qadapter.backbone import lora_config
+
+    model = get_peft_model(random_llama(shape, device, seed), lora_config(8, 16, 0.0, ["q_proj", "v_proj"]))
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -222,11 +234,25 @@ def section_big(device, out_dir: str) -> bool:
     return True
 
 
-def section_bench(name: str, device, clock: Clock) -> bool:
+def random_model_folder(tokenizer_dir: str, out_dir: str) -> str:
+    """A folder with a random model of SmolLM2-135M's shape and the tokenizer of ``tokenizer_dir``."""
+    from transformers import AutoTokenizer
+
+    folder = os.path.join(out_dir, "random_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = random_llama(SHAPES[("steps", "cuda")], "cpu")
+    model.config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "pad_token_id": tokenizer.pad_token_id})
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def section_bench(name: str, device, clock: Clock, model_folder: str | None) -> bool:
     """Run bench/<name>.py with small settings inside the time left; repeat its RESULT lines."""
     cmd = [sys.executable, str(HERE / f"{name}.py"), *BENCH_ARGS[name]]
     if name == "decode":
-        cmd += ["--devices", device.type]
+        cmd += ["--devices", device.type] + (["--model", model_folder] if model_folder else [])
     timeout = max(1.0, clock.left() - 5)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     try:
@@ -244,13 +270,25 @@ def section_bench(name: str, device, clock: Clock) -> bool:
     return True
 
 
+def hard_stop() -> None:
+    print("SKIP rest reason=hard deadline: the budget ran out inside a section", flush=True)
+    print("CHECK gpu_check FAIL (incomplete)", flush=True)
+    os._exit(2)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny models)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--tokenizer", default=None,
+                        help="decode on a random SmolLM2-shaped model with this tokenizer folder (no embedded model)")
     args = parser.parse_args(argv)
     clock = Clock(args.budget)
+    # An in-process section cannot be interrupted cleanly; past the budget (+10 s) the process ends.
+    watchdog = threading.Timer(args.budget + 10, hard_stop)
+    watchdog.daemon = True
+    watchdog.start()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; use --device cpu")
@@ -270,10 +308,12 @@ def main(argv=None) -> int:
             elif section == "big":
                 ok &= section_big(device, out_dir)
             else:
-                ok &= section_bench(section, device, clock)
+                folder = random_model_folder(args.tokenizer, out_dir) if args.tokenizer and section == "decode" else None
+                ok &= section_bench(section, device, clock, folder)
             print(f"RESULT section_seconds {section}={time.monotonic() - start:.1f}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    watchdog.cancel()
     print(f"CHECK gpu_check {'pass' if ok else 'FAIL'} total_s={args.budget - clock.left():.1f}")
     return 0 if ok else 1
 

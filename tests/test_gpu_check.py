@@ -39,6 +39,18 @@ def test_a_gradient_outside_the_tolerance_fails_the_check(capsys, monkeypatch):
     assert lines(out, "CHECK gpu_check FAIL")
 
 
+def test_the_tolerance_tells_a_lost_pair_from_bf16_rounding():
+    device = gpu_check.torch.device("cpu")
+    model = gpu_check.random_model(gpu_check.SHAPES[("steps", "cpu")], device)
+    spec = gpu_check.BATCHES[("steps", "cpu")]
+    args = gpu_check.step_args("unused", "cpu", share_prompt=False, fused_head=False)
+    loss, grads, _ = gpu_check.one_step(model, gpu_check.random_batch(spec, 512, device), args, device, bf16=True)
+    fewer = gpu_check.random_batch((spec[0] - 1, *spec[1:]), 512, device)  # the same pairs but the last
+    lost = gpu_check.one_step(model, fewer, args, device, bf16=True)
+    loss_err, grad_err = gpu_check.relative_errors(lost[0], lost[1], loss, grads)
+    assert loss_err > gpu_check.BF16_TOLERANCE and grad_err > 10 * gpu_check.BF16_TOLERANCE
+
+
 def test_the_global_deadline_skips_sections_with_a_reason(capsys):
     assert gpu_check.main(["--device", "cpu", "--budget", "3", "--sections", *gpu_check.SECTIONS]) == 0
     out = capsys.readouterr().out
