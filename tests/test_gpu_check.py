@@ -65,3 +65,18 @@ def test_no_cuda_device_is_a_clear_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--device", "cuda"])
     assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_bench_results_are_forwarded_and_a_failing_bench_is_skipped_with_its_error(tmp_path, monkeypatch, capsys):
+    # Stand-ins for bench/decode.py and bench/score.py (the real ones need minutes on this CPU;
+    # bench/NOTES.md has the real decode run through gpu_check): one prints a RESULT line, one fails.
+    (tmp_path / "decode.py").write_text("import sys\nprint('noise')\nprint('RESULT decode_fast_vs_base=1.5', sys.argv[1:])\n")
+    (tmp_path / "score.py").write_text("raise ModuleNotFoundError(\"No module named 'datasets'\")\n")
+    monkeypatch.setattr(gpu_check, "HERE", tmp_path)
+    clock, cpu = gpu_check.Clock(60), gpu_check.torch.device("cpu")
+    assert gpu_check.section_bench("decode", cpu, clock, "/some/model")
+    assert gpu_check.section_bench("score", cpu, clock, None)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("RESULT gpu_check_decode: decode_fast_vs_base=1.5")
+    assert "'--devices', 'cpu', '--model', '/some/model'" in out[0]
+    assert out[1].startswith("SKIP score reason=bench/score.py exited 1: ModuleNotFoundError: No module named 'datasets'")
