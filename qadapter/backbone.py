@@ -42,17 +42,31 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     Hashes every parameter's name, shape and dtype plus a strided sample of at most 4096 of its
     values, so two different checkpoints of one architecture differ, while a 70B model still hashes
     in seconds. Works on the bare model and on a PEFT-wrapped one (same names after unwrapping).
+    Under DeepSpeed ZeRO-3 each parameter is gathered for the read (a collective: every rank calls
+    this), so a partitioned model fingerprints as the whole one does.
     """
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         if "lora_" in name:
             continue
         name = name.replace("base_model.model.", "").replace(".base_layer", "")
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        with _gathered(param):
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+            shape = tuple(param.shape)  # a partitioned parameter is empty outside the gather
+        digest.update(f"{name}|{shape}|{param.dtype}|".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _gathered(param):
+    """A ZeRO-3 partitioned parameter (it carries ``ds_id``; its local data is empty) gathered
+    whole for reading, one at a time so no more than one full weight is ever materialized."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed  # only a model DeepSpeed partitioned gets here
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
 
 
 def lora_config(r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05,
