@@ -72,6 +72,10 @@ def test_launcher_commands(exported):
     assert cmd[cmd.index("--model") + 1] == str(exported["tmp"] / "base")
     assert cmd[cmd.index("--lora-modules") + 1] == f"acad={exported['dir'].resolve()}"
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in cmd
+    two = vllm_command(exported["dir"], name="acad", also=[("x2", exported["dir"])])
+    i = two.index("--lora-modules")  # one flag: vLLM keeps only the last --lora-modules
+    assert two[i + 1:i + 3] == [f"acad={exported['dir'].resolve()}", f"x2={exported['dir'].resolve()}"]
+    assert two.count("--lora-modules") == 1 and two[two.index("--max-loras") + 1] == "2"
     plugin = vllm_command(exported["tmp"] / "adapter", name="acad", plugin=True)
     overrides = json.loads(plugin[plugin.index("--hf-overrides") + 1])
     assert overrides == {"architectures": ["QAdapterForCausalLM"],

@@ -20,16 +20,25 @@ def main(argv=None) -> int:
     s.add_argument("--name", required=True, help="the model name clients ask for")
     s.add_argument("--base", help="base model folder (default: the adapter's own)")
     s.add_argument("--plugin", action="store_true", help="serve pi-tilde at any strength (vllm_xargs.strength)")
+    s.add_argument("--also", action="append", default=[], metavar="NAME=DIR",
+                   help="another export on the same base, served beside it (repeatable)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--dtype", default="float32")
     s.add_argument("--print", action="store_true", help="print the command instead of running it")
     args, extra = p.parse_known_args(argv)
-    cmd = vllm_command(args.folder, name=args.name, base=args.base, plugin=args.plugin, host=args.host,
+    also = []
+    for item in args.also:
+        if "=" not in item:
+            p.error(f"--also {item!r}: expected NAME=DIR")
+        also.append(tuple(item.split("=", 1)))
+    cmd = vllm_command(args.folder, name=args.name, base=args.base, plugin=args.plugin, also=also, host=args.host,
                        port=args.port, dtype=args.dtype, extra=extra)
     if args.print:
         print(shlex.join(cmd))
         return 0
+    if args.plugin:  # the plugin's strength tracker is a V1-runner logits processor (qadapter/vllm/model.py)
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.execv(cmd[0], cmd)
     return 0  # not reached
 
