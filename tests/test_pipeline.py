@@ -10,7 +10,7 @@ from conftest import make_tiny_tokenizer, tiny_llama
 from qadapter.data import PreferenceDataError, load_preference_pairs
 from qadapter.evaluation.stats import wilson_interval
 from qadapter.recipes.config import JobArguments
-from qadapter.recipes.train import format_report, run_training
+from qadapter.recipes.train import answer_held_out_prompts, format_report, run_training
 from qadapter.trainer import QAdapterConfig, QAdapterTrainer
 
 
@@ -99,6 +99,36 @@ def test_main_job_logs_and_plots_its_training_curves(tiny_model_dir, tmp_path):
     curves = tmp_path / "run" / "training_curves.png"
     assert report["training_curves"] == str(curves.resolve()) and curves.read_bytes()[:4] == b"\x89PNG"
     assert f"training curves: {curves.resolve()}" in format_report(report)
+
+
+class ScriptedPolicy:
+    """Answers each prompt with a scripted text per policy (what `measure` sees of a QAdapter)."""
+
+    def __init__(self, base, customized):
+        self.answers = {"base": base, "customized": customized}
+
+    def generate(self, prompts, *, policy, max_new_tokens):
+        return [self.answers[policy](i) for i in range(len(prompts))]
+
+
+def test_held_out_repetition_resolves_a_loop_the_customization_introduced():
+    prompts = {"prompt": [f"question {i}" for i in range(40)] + ["question 0"]}  # a repeated prompt counts once
+    fresh = lambda i: " ".join(f"w{i}_{k}" for k in range(30))
+    loop = lambda i: " ".join(["I can help with that."] * 8)
+    job = JobArguments(show_examples=2, repetition_prompts=40, example_new_tokens=64)
+    looping = answer_held_out_prompts(job, ScriptedPolicy(fresh, loop), prompts)
+    rep = looping["repetition"]
+    assert rep["n"] == 40 and len(looping["examples"]) == 2
+    assert rep["base"]["value"] == 0.0 and rep["customized"]["value"] > 0.8
+    assert rep["difference"]["ci_low"] > 0
+    text = format_report({"steps": 1, "train_pairs": 1, "train_seconds": 1, "pairs_per_second": 1,
+                          "adapter_dir": "x", **looping})
+    assert "40 held-out prompts" in text and "repeat more than the base's" in text
+
+    same = answer_held_out_prompts(job, ScriptedPolicy(loop, loop), prompts)["repetition"]
+    assert same["difference"]["value"] == 0 and same["difference"]["ci_low"] <= 0 <= same["difference"]["ci_high"]
+    assert "repetition" not in answer_held_out_prompts(JobArguments(show_examples=2, repetition_prompts=0),
+                                                       ScriptedPolicy(fresh, loop), prompts)
 
 
 def test_training_curves_need_something_logged(tmp_path):

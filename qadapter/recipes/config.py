@@ -68,7 +68,11 @@ class JobArguments:
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO baseline (the paper's 0.1)."})
     kl_weight: float = field(default=0.1, metadata={"help": "Weight of KL(π‖π1) per token in the sft_kl baseline."})
     show_examples: int = field(default=2, metadata={"help": "Held-out prompts answered by the base and the customized policy at the end."})
-    example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer."})
+    repetition_prompts: int = field(default=0, metadata={"help": "Held-out prompts (distinct) answered greedily by the base "
+                                    "and the customized policy to measure repeated word 4-grams per answer, with "
+                                    "bootstrap intervals (0: none)."})
+    example_new_tokens: int = field(default=48, metadata={"help": "New tokens per example answer (and per answer of "
+                                    "--repetition_prompts)."})
     measure_held_out: bool = field(default=True, metadata={"help": "Measure the preference accuracy of the base and the "
                                    "trained policy on the held-out pairs after training (qadapter compare turns it off: "
                                    "it measures every method itself)."})

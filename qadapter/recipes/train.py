@@ -271,18 +271,35 @@ def measure(job: JobArguments, config, qadapter, data: PreparedData) -> dict[str
             "margin": implicit_reward_margins(ll, seed=config.seed),
             "kl_per_token": kl_per_token(ll),
         }
-    if job.show_examples:
-        from ..evaluation.repetition import repeated_ngram_fraction
+    if job.show_examples or job.repetition_prompts:
+        out.update(answer_held_out_prompts(job, qadapter, eval_ids, seed=config.seed))
+    return out
 
-        # distinct prompts: DSP-style data hold several pairs per prompt; greedy, one batch per policy
-        prompts = distinct_prompts(eval_ids["prompt"])[:job.show_examples]
-        answers = {policy: qadapter.generate(prompts, policy=policy, max_new_tokens=job.example_new_tokens)
-                   for policy in tqdm(("base", "customized"), desc="example answers", leave=False)}
-        out["examples"] = [{"prompt": p[-1]["content"] if isinstance(p, list) else p,
-                            "base": b, "customized": c}
-                           for p, b, c in zip(prompts, answers["base"], answers["customized"])]
-        # how much the answers repeat themselves: the fraction of word 4-grams seen earlier in the same answer
-        out["repetition"] = {policy: repeated_ngram_fraction(texts, n=4) for policy, texts in answers.items()}
+
+def answer_held_out_prompts(job: JobArguments, qadapter, eval_ids, seed: int = 0) -> dict[str, Any]:
+    """Greedy answers of the base and the customized policy to distinct held-out prompts: the first
+    ``show_examples`` are shown, and over ``repetition_prompts`` of them each answer's fraction of
+    repeated word 4-grams is averaged, with bootstrap intervals over prompts for each policy and for
+    the paired difference (customized − base): a loop the customization introduced shows as a
+    difference whose interval lies above 0."""
+    from ..data import distinct_prompts
+    from ..evaluation.repetition import repeated_ngram_fractions
+    from ..evaluation.stats import make_metric
+
+    # distinct prompts: DSP-style data hold several pairs per prompt; greedy, one batch per policy
+    prompts = distinct_prompts(eval_ids["prompt"])[:max(job.show_examples, job.repetition_prompts)]
+    answers = {policy: qadapter.generate(prompts, policy=policy, max_new_tokens=job.example_new_tokens)
+               for policy in tqdm(("base", "customized"), desc="held-out answers", leave=False)}
+    out: dict[str, Any] = {"examples": [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "base": b,
+                                         "customized": c} for p, b, c in
+                                        list(zip(prompts, answers["base"], answers["customized"]))[:job.show_examples]]}
+    if job.repetition_prompts:
+        per_prompt = {policy: repeated_ngram_fractions(texts, n=4) for policy, texts in answers.items()}
+        difference = [c - b for b, c in zip(per_prompt["base"], per_prompt["customized"])]
+        out["repetition"] = {"n": len(prompts), "max_new_tokens": job.example_new_tokens,
+                             **{k: asdict(make_metric(v, seed=seed)) for k, v in
+                                (("base", per_prompt["base"]), ("customized", per_prompt["customized"]),
+                                 ("difference", difference))}}
     return out
 
 
@@ -321,8 +338,16 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"\nprompt: {ex['prompt']!r}\n  base:       {ex['base']!r}\n  customized: {ex['customized']!r}")
     if report.get("repetition"):
         rep = report["repetition"]
-        lines.append(f"\nrepeated word 4-grams in the {len(report.get('examples', []))} example answers: "
-                     f"base {rep['base']:.3f}, customized {rep['customized']:.3f}")
+        cells = {k: f"{rep[k]['value']:.3f} [{rep[k]['ci_low']:.3f}, {rep[k]['ci_high']:.3f}]"
+                 for k in ("base", "customized")}
+        diff = rep["difference"]
+        verdict = ("the customized answers repeat more than the base's (interval above 0)" if diff["ci_low"] > 0 else
+                   "repeat less (interval below 0)" if diff["ci_high"] < 0 else
+                   "no difference resolved (interval includes 0)")
+        lines.append(f"\nrepeated word 4-grams per answer, {rep['n']} held-out prompts, greedy, {rep['max_new_tokens']} "
+                     f"new tokens (mean, 95% bootstrap interval): base {cells['base']}, customized "
+                     f"{cells['customized']}; difference {diff['value']:+.3f} [{diff['ci_low']:+.3f}, "
+                     f"{diff['ci_high']:+.3f}]: {verdict}")
     lines.append(f"\nadapter saved to {report['adapter_dir']} (with report.json)")
     if report.get("training_curves"):
         lines.append(f"training curves: {report['training_curves']}")
