@@ -188,7 +188,7 @@ def train(plan: Plan, *, progress: bool = True, log=print) -> Training:
         # the comparison measures every policy itself (the evaluate step), so training measures nothing
         m_job, m_config = spec.apply(job, config)
         m_job = dataclasses.replace(m_job, save_split=True, train_eval_pairs=0, measure_held_out=False,
-                                    show_examples=0)
+                                    show_examples=0, repetition_prompts=0)
         m_config.output_dir = str(folder)
         if m_config.resume_from_checkpoint is None:
             from transformers.trainer_utils import get_last_checkpoint
