@@ -66,6 +66,30 @@ def save_adapters(root, endless: bool = False, context: int = 8192) -> dict[str,
     return out
 
 
+def save_stack(root) -> dict[str, str]:
+    """A saved tiny base under ``root``, a residual adapter ``one`` on it, and a stack ``two``: ``one``
+    plus a second adapter trained (here: randomized) on the base with ``one`` merged in."""
+    from qadapter.backbone import lora_config
+    from qadapter.modeling import QAdapter
+    from qadapter.settings import QAdapterSettings
+    from qadapter.stack import merge_into, save_extended
+
+    tok = make_tiny_tokenizer()
+    base_dir = root / "tiny-base"
+    tiny_base(tok).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    first = QAdapter.create(tiny_base(tok), tok, QAdapterSettings(base_model_name_or_path=str(base_dir)),
+                            lora_config(r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_lora(first.model, seed=1)
+    first.save_pretrained(root / "one")
+    merged, _ = merge_into(tiny_base(tok), root / "one")
+    second = QAdapter.create(merged, tok, QAdapterSettings(base_model_name_or_path=str(base_dir)),
+                             lora_config(r=2, lora_alpha=4, lora_dropout=0.0))
+    randomize_lora(second.model, seed=2)
+    save_extended(root / "two", root / "one", second.save_pretrained, tok)
+    return {"one": str(root / "one"), "two": str(root / "two")}
+
+
 @contextlib.contextmanager
 def running_server(served, **app_kwargs):
     """A real uvicorn server for ``served`` on 127.0.0.1 (a free port), in a thread; yields

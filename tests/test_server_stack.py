@@ -7,36 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer, randomize_lora
-from server_testing import USER, one_torch_thread, running_server, server_clients, tiny_base  # noqa: F401
+from server_testing import USER, one_torch_thread, running_server, save_stack, server_clients  # noqa: F401
 
 openai, httpx = server_clients()
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A saved tiny base, a residual adapter ``one`` on it, and a stack ``two``: ``one`` plus a second
-    adapter trained (here: randomized) on the base with ``one`` merged in."""
-    from qadapter.backbone import lora_config
-    from qadapter.modeling import QAdapter
-    from qadapter.settings import QAdapterSettings
-    from qadapter.stack import merge_into, save_extended
-
-    root = tmp_path_factory.mktemp("stack_served")
-    tok = make_tiny_tokenizer()
-    base_dir = root / "tiny-base"
-    tiny_base(tok).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    first = QAdapter.create(tiny_base(tok), tok, QAdapterSettings(base_model_name_or_path=str(base_dir)),
-                            lora_config(r=4, lora_alpha=8, lora_dropout=0.0))
-    randomize_lora(first.model, seed=1)
-    first.save_pretrained(root / "one")
-    merged, _ = merge_into(tiny_base(tok), root / "one")
-    second = QAdapter.create(merged, tok, QAdapterSettings(base_model_name_or_path=str(base_dir)),
-                             lora_config(r=2, lora_alpha=4, lora_dropout=0.0))
-    randomize_lora(second.model, seed=2)
-    save_extended(root / "two", root / "one", second.save_pretrained, tok)
-    return {"one": str(root / "one"), "two": str(root / "two")}
+    """A saved tiny base, a residual adapter ``one`` on it, and a stack ``two`` (server_testing.save_stack)."""
+    return save_stack(tmp_path_factory.mktemp("stack_served"))
 
 
 @pytest.fixture(scope="module")

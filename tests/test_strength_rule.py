@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_tiny_tokenizer, randomize_lora
 from qadapter.settings import strength_values
-from server_testing import USER, one_torch_thread, running_server, server_clients, tiny_base  # noqa: F401
+from server_testing import USER, one_torch_thread, running_server, save_stack, server_clients  # noqa: F401
 
 PROMPT = "w1 w2 w3"
 TOKENS = 12
@@ -18,26 +17,8 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from qadapter.backbone import lora_config
-    from qadapter.modeling import QAdapter
-    from qadapter.settings import QAdapterSettings
-    from qadapter.stack import merge_into, save_extended
-
     root = tmp_path_factory.mktemp("strength_rule")
-    tok = make_tiny_tokenizer()
-    base_dir = root / "tiny-base"
-    tiny_base(tok).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    first = QAdapter.create(tiny_base(tok), tok, QAdapterSettings(base_model_name_or_path=str(base_dir)),
-                            lora_config(r=4, lora_alpha=8, lora_dropout=0.0))
-    randomize_lora(first.model, seed=1)
-    first.save_pretrained(root / "one")
-    merged, _ = merge_into(tiny_base(tok), root / "one")
-    second = QAdapter.create(merged, tok, QAdapterSettings(base_model_name_or_path=str(base_dir)),
-                             lora_config(r=2, lora_alpha=4, lora_dropout=0.0))
-    randomize_lora(second.model, seed=2)
-    save_extended(root / "two", root / "one", second.save_pretrained, tok)
-    return {"one": str(root / "one"), "two": str(root / "two"), "root": root}
+    return {**save_stack(root), "root": root}
 
 
 @pytest.fixture(scope="module")
