@@ -228,6 +228,27 @@ def test_tables_and_plot_from_hand_made_results(tmp_path):
     assert write_results(kl_only)["png"].is_file()
 
 
+def test_frontier_puts_ifeval_and_fluency_on_x_when_measured(tmp_path):
+    """The generated-answer retention measures (issue 27) are frontier axes beside KL and ARC-Easy."""
+    from qadapter.recipes.compare import REGISTRY
+    from qadapter.recipes.compare.frontier import frontier_section, plot_frontier
+
+    def one_metric(task, name, values):
+        return EvalResult(task, len(values), {name: make_metric(values, 200)}, name).to_dict()
+
+    results = {p: {"kl": kl_result([kl] * 3), "preferences": pref_result([1, -1, 1, 1], [1, -1, 1, m]),
+                   "ifeval": one_metric("ifeval", "prompt_level_strict_acc", [1, 0, acc, 0]),
+                   "fluency": one_metric("fluency", "repeated_4grams", [0.1, rep, 0.2])}
+               for p, kl, m, acc, rep in (("base", 0.0, -1, 1, 0.1), ("sft", 0.5, 1, 0, 0.9))}
+    comparison = Comparison(tmp_path, ["sft"], ["kl", "ifeval", "fluency"], results)
+    columns = [c for e in REGISTRY.values() for c in e.columns]
+    text = "\n".join(frontier_section(comparison, columns))
+    assert "| point | method | setting | KL(π‖π1) | IFEval prompt strict | fluency: repeated 4-grams |" in text
+    assert "lower loops less" in text and "ARC-Easy" not in text
+    assert "| sft | sft | — | 0.500 [" in text and "0.250 [" in text and "0.400 [" in text
+    assert plot_frontier(tmp_path / "f.png", comparison, columns).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_parse_limits():
     assert parse_limits(None) == DEFAULT_LIMITS
     assert set(parse_limits(7).values()) == {7}

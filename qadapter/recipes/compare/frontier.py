@@ -15,7 +15,13 @@ from .results import Comparison, cell, metric, table
 
 
 #: the frontier's axes: retention (x) and preference (y), each drawn where it was measured
-FRONTIER_X = ("kl", "arc_easy")
+FRONTIER_X = ("kl", "arc_easy", "ifeval", "fluency")
+#: x-axis labels other than "<label> accuracy (→ more retained)"
+X_LABELS = {"kl": "KL(π‖π1) from the base, nats/token (← closer to the base)",
+            "fluency": "fluency: repeated 4-grams per answer (← loops less)"}
+#: how the frontier table's text names an x axis, where its label alone would not say which way is better
+X_NOTES = {"kl": "KL(π‖π1) from the base on general prompts, lower is closer to the base",
+           "fluency": "repeated 4-grams in the answers to general prompts, lower loops less"}
 
 
 FRONTIER_Y = ("margin_acc", "pref_acc", "win_rate")
@@ -48,8 +54,8 @@ def frontier_section(comparison: Comparison, columns: Sequence[Column]) -> list[
                      r.get("setting") or "—"] + [cell(metric(res, c), with_n=True) for c in xs + ys])
     strengths = comparison.info.get("strengths")
     return ["## Frontier", "",
-            "Every evaluated policy is a point: retention on x (KL(π‖π1) from the base on general prompts, lower "
-            "is closer to the base; ARC-Easy accuracy), preference on y (held-out margin accuracy and preference "
+            "Every evaluated policy is a point: retention on x (" + "; ".join(X_NOTES.get(c.key, c.label) for c in xs)
+            + "), preference on y (held-out margin accuracy and preference "
             "accuracy" + (", the judged win rate against the base" if any(c.key == "win_rate" for c in ys) else "")
             + "). " + (f"A Q-Adapter is ONE trained adapter decoded at strengths {', '.join(f'{x:g}' for x in strengths)} "
                        "(π̃ ∝ π1·exp(s·(zθ − z1)); s = 1 is the trained policy), joined as one curve; " if strengths else "")
@@ -109,8 +115,7 @@ def plot_frontier(path: Path, comparison: Comparison, columns: Sequence[Column])
                             fmt="*", color="black", markersize=12, capsize=3, zorder=5, label="base")
             n_x = {(metric(comparison.results.get(p, {}), xcol) or {}).get("n") for p in comparison.policies} - {None}
             n_y = {(metric(comparison.results.get(p, {}), ycol) or {}).get("n") for p in comparison.policies} - {None}
-            ax.set_xlabel(("KL(π‖π1) from the base, nats/token (← closer to the base)" if xcol.key == "kl"
-                           else f"{xcol.label} accuracy (→ more retained)")
+            ax.set_xlabel(X_LABELS.get(xcol.key, f"{xcol.label} accuracy (→ more retained)")
                           + (f", n={n_x.pop()}" if len(n_x) == 1 else ""))
             ax.set_ylabel(f"held-out {ycol.label}" + (f", n={n_y.pop()}" if len(n_y) == 1 else ""))
             ax.grid(alpha=0.3)
