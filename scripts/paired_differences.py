@@ -1,0 +1,71 @@
+"""Paired differences between two evaluated policies, item by item, with bootstrap 95% intervals.
+
+Reads the per-item samples that ``qadapter compare`` caches (``DIR/eval/<policy>/<evaluation>.json``)
+and prints, for every evaluation both policies have, the mean of (A − B) over the items they share
+and its percentile bootstrap interval (qadapter.evaluation.stats.bootstrap_ci, 2000 resamples,
+seed 0); ``*`` marks an interval that excludes 0. The two policies may live in different comparison
+folders that evaluated the same items (e.g. the same held-out split with and without label noise)::
+
+    python scripts/paired_differences.py runs/e27:qadapter runs/e27:base
+    python scripts/paired_differences.py runs/noise_0.4:qadapter runs/noise_0:qadapter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qadapter.evaluation.stats import bootstrap_ci
+
+#: the per-item sample fields compared, per evaluation (arc_easy: 1 for a correct answer)
+FIELDS = {"preferences": ("margin",), "kl": ("kl",), "arc_easy": ("correct",),
+          "ifeval": ("prompt_level_strict_acc", "prompt_level_loose_acc"),
+          "fluency": ("repeated_4grams", "distinct_2", "length", "base_nll", "at_cap")}
+
+
+def samples(folder: Path, policy: str, evaluation: str) -> dict | None:
+    """{item index: sample} of a cached result, or None when it was not evaluated."""
+    path = folder / "eval" / policy / f"{evaluation}.json"
+    if not path.is_file():
+        return None
+    items = {}
+    for i, sample in enumerate(json.loads(path.read_text())["result"]["samples"]):
+        if evaluation == "arc_easy":
+            sample = {**sample, "correct": float(sample["pred"] == sample["gold"])}
+        items[sample.get("index", i)] = sample
+    return items
+
+
+def paired(a: dict, b: dict, field: str, n_boot: int = 2000, seed: int = 0):
+    """(mean of a − b, ci_low, ci_high, n) over the items both have a value for, or None."""
+    keys = [k for k in a if k in b and a[k].get(field) is not None and b[k].get(field) is not None]
+    if not keys:
+        return None
+    d = np.array([float(a[k][field]) - float(b[k][field]) for k in keys])
+    low, high = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    return float(d.mean()), low, high, len(keys)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", help="DIR:POLICY, e.g. runs/e27:qadapter")
+    parser.add_argument("b", help="DIR:POLICY, e.g. runs/e27:base")
+    args = parser.parse_args(argv)
+    (dir_a, pol_a), (dir_b, pol_b) = (s.rsplit(":", 1) for s in (args.a, args.b))
+    for evaluation, fields in FIELDS.items():
+        a, b = samples(Path(dir_a), pol_a, evaluation), samples(Path(dir_b), pol_b, evaluation)
+        if not a or not b:
+            continue
+        for field in fields:
+            r = paired(a, b, field)
+            if r:
+                mean, low, high, n = r
+                mark = " *" if low > 0 or high < 0 else ""
+                print(f"{args.a} − {args.b}  {evaluation}.{field}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n}){mark}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""scripts/paired_differences.py on hand-made cached results: item-by-item differences with their
+bootstrap interval, across two comparison folders, only over the items both policies have."""
+
+from __future__ import annotations
+
+import json
+
+from script_testing import run_script
+
+
+def cache(folder, policy, evaluation, samples):
+    path = folder / "eval" / policy / f"{evaluation}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": {}, "result": {"samples": samples}}))
+
+
+def test_paired_differences_pair_items_and_mark_intervals_that_exclude_zero(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    cache(a, "qadapter", "preferences", [{"index": i, "margin": 1.0 + 0.1 * (i % 3)} for i in range(30)])
+    cache(b, "base", "preferences", [{"index": i, "margin": 0.0} for i in range(30)] + [{"index": 99, "margin": 50.0}])
+    cache(a, "qadapter", "arc_easy", [{"index": i, "pred": 0, "gold": i % 2} for i in range(20)])
+    cache(b, "base", "arc_easy", [{"index": i, "pred": 0, "gold": (i + 1) % 2} for i in range(20)])
+    out = run_script("paired_differences.py", f"{a}:qadapter", f"{b}:base", cwd=tmp_path).splitlines()
+    margin = next(line for line in out if "preferences.margin" in line)
+    assert "+1.1000 [" in margin and "(n=30) *" in margin  # item 99 of b alone is left out
+    arc = next(line for line in out if "arc_easy.correct" in line)
+    assert "+0.0000 [" in arc and "(n=20)" in arc and not arc.endswith("*")  # half +1, half -1
+    assert not any("fluency" in line for line in out)  # evaluated by neither
