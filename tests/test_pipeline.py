@@ -319,3 +319,30 @@ def test_saved_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_figure(Figure(), path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.is_file()] == ["c.png"]
+
+
+def subnormal_survives():
+    return torch.tensor([1e-40]).item() != 0.0  # 1e-40 < float32's smallest normal (1.2e-38)
+
+
+def test_training_flushes_subnormals_and_restores_the_setting_after(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    import qadapter.recipes.methods as methods
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(subnormal_survives())
+
+    entry = methods.METHOD_REGISTRY["dpo"]
+    monkeypatch.setitem(methods.METHOD_REGISTRY, "dpo", methods.Method(
+        train=lambda model, tok, pairs, config, job, callbacks, log: entry.train(
+            model, tok, pairs, config, job, [*callbacks, Probe()], log),
+        policy=entry.policy, params=entry.params))
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 12), method="dpo")
+    assert subnormal_survives()
+    run_training(job, config, log=lambda *_: None)
+    assert seen == [False, False]  # every step ran with subnormals flushed to zero
+    assert subnormal_survives()  # and the process's setting is back to IEEE's after training
