@@ -346,3 +346,18 @@ def test_training_flushes_subnormals_and_restores_the_setting_after(tiny_model_d
     run_training(job, config, log=lambda *_: None)
     assert seen == [False, False]  # every step ran with subnormals flushed to zero
     assert subnormal_survives()  # and the process's setting is back to IEEE's after training
+
+
+def test_subnormal_flushing_restores_what_the_process_had_before():
+    from qadapter.recipes.train import subnormals_flushed
+
+    assert torch.set_flush_denormal(True)  # a caller that flushes already (x86 CPU: supported)
+    try:
+        with subnormals_flushed():
+            assert not subnormal_survives()
+        assert not subnormal_survives()  # still flushed: the caller's setting, not IEEE's, comes back
+    finally:
+        torch.set_flush_denormal(False)
+    with subnormals_flushed():
+        assert not subnormal_survives()
+    assert subnormal_survives()

@@ -210,12 +210,14 @@ def subnormals_flushed():
     """Flush subnormal floats to zero while training. Once a preference objective's margins saturate
     (DPO at beta = 1 after a few hundred steps), sigmoid(-margin) is ~1e-40 and the backward pass fills
     with subnormals, which x86 CPUs process many times slower (bench/subnormals.py); their values are
-    below anything an optimizer step can resolve, so flushing them changes no result."""
+    below anything an optimizer step can resolve, so flushing them changes no result. Restores what
+    the process had before (torch has no getter for it: a subnormal either survives or not)."""
+    flushed_before = torch.tensor([1e-40]).item() == 0.0  # 1e-40 < float32's smallest normal
     supported = torch.set_flush_denormal(True)
     try:
         yield supported
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(flushed_before)
 
 
 @dataclass
