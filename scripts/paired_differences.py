@@ -19,9 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from qadapter.evaluation.stats import bootstrap_ci
+from qadapter.recipes.compare.evaluations import REGISTRY
 
-#: the per-item sample fields compared, per evaluation (arc_easy: 1 for a correct answer)
-FIELDS = {"preferences": ("margin",), "kl": ("kl",), "arc_easy": ("correct",),
+#: multiple-choice evaluations: their samples hold pred and gold; "correct" is compare's own item
+#: score of each (REGISTRY[...].item_score: 1 for a correct answer)
+MULTIPLE_CHOICE = ("mmlu0", "mmlu5", "arc_easy", "arc_challenge")
+#: the per-item sample fields compared, per evaluation
+FIELDS = {"preferences": ("margin",), "kl": ("kl",), **{name: ("correct",) for name in MULTIPLE_CHOICE},
           "ifeval": ("prompt_level_strict_acc", "prompt_level_loose_acc"),
           "fluency": ("repeated_4grams", "distinct_2", "length", "base_nll", "at_cap")}
 
@@ -33,8 +37,8 @@ def samples(folder: Path, policy: str, evaluation: str) -> dict | None:
         return None
     items = {}
     for i, sample in enumerate(json.loads(path.read_text())["result"]["samples"]):
-        if evaluation == "arc_easy":
-            sample = {**sample, "correct": float(sample["pred"] == sample["gold"])}
+        if evaluation in MULTIPLE_CHOICE:
+            sample = {**sample, "correct": REGISTRY[evaluation].item_score(sample)}
         items[sample.get("index", i)] = sample
     return items
 

@@ -26,3 +26,14 @@ def test_paired_differences_pair_items_and_mark_intervals_that_exclude_zero(tmp_
     arc = next(line for line in out if "arc_easy.correct" in line)
     assert "+0.0000 [" in arc and "(n=20)" in arc and not arc.endswith("*")  # half +1, half -1
     assert not any("fluency" in line for line in out)  # evaluated by neither
+
+
+def test_paired_differences_score_every_multiple_choice_evaluation_as_compare_does(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for evaluation in ("mmlu0", "arc_challenge"):
+        cache(a, "sft", evaluation, [{"index": i, "pred": 1, "gold": 1} for i in range(25)])
+        cache(b, "base", evaluation, [{"index": i, "pred": 2, "gold": 1} for i in range(25)])
+    out = run_script("paired_differences.py", f"{a}:sft", f"{b}:base", cwd=tmp_path).splitlines()
+    for evaluation in ("mmlu0", "arc_challenge"):
+        line = next(line for line in out if f"{evaluation}.correct" in line)
+        assert "+1.0000 [+1.0000, +1.0000] (n=25) *" in line
