@@ -572,3 +572,29 @@ def test_scoring_several_strengths_at_once_equals_the_evaluator_at_each(setup):
     assert (qa.settings.alpha_0, qa.settings.alpha_tilde) == before  # a view at each strength, the policy unchanged
     # the strengths really differ
     assert got[0.5].samples[0]["loglikelihoods"] != pytest.approx(got[2.0].samples[0]["loglikelihoods"], abs=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_judge_trains_in_the_precision_asked_not_trls_bf16_default(setup, tmp_path, monkeypatch, bf16):
+    # TRL's RewardConfig defaults to bf16: on an AVX2-only CPU that ran the judge's steps ~8x slower
+    import trl
+
+    from qadapter.trainer.reward_judge import train_reward_judge
+
+    seen = []
+
+    class Recording(trl.RewardTrainer):
+        def __init__(self, *a, args=None, **kw):
+            seen.append(args.bf16)
+            super().__init__(*a, args=args, **kw)
+
+    monkeypatch.setattr(trl, "RewardTrainer", Recording)
+    rows = [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]}
+            for r in map(json.loads, (setup / "pairs.jsonl").read_text().splitlines()[:4])]
+    if bf16:
+        report = train_reward_judge(str(setup / "model"), rows, tmp_path / "judge", max_steps=1, batch_size=2,
+                                    max_length=64, use_cpu=True, bf16=True, log=lambda *a: None)
+    else:  # not asked: float32, whatever TRL's default
+        report = train_reward_judge(str(setup / "model"), rows, tmp_path / "judge", max_steps=1, batch_size=2,
+                                    max_length=64, use_cpu=True, log=lambda *a: None)
+    assert seen == [bf16] and report["bf16"] is bf16 and report["steps"] == 1

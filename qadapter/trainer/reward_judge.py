@@ -11,11 +11,14 @@ from typing import Any, Callable, Sequence
 # --------------------------------------------------------------------------- the judge
 def train_reward_judge(model: str, train_pairs: Sequence[dict], output_dir: str | Path, *, max_steps: int = 100,
                        learning_rate: float = 5e-5, batch_size: int = 8, max_length: int = 512, seed: int = 0,
-                       use_cpu: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
+                       use_cpu: bool = False, bf16: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Train a reward model on preference pairs with TRL's ``RewardTrainer``: the base model ``model``
     with a one-logit classification head (``AutoModelForSequenceClassification``, every weight
     trained), ``max_steps`` steps of ``batch_size`` pairs. Saves it with its tokenizer and
-    ``judge_report.json`` to ``output_dir`` (atomically) and returns the report."""
+    ``judge_report.json`` to ``output_dir`` (atomically) and returns the report. ``bf16``: bf16
+    autocast, as the policies' training asks for it; said explicitly because TRL's RewardConfig
+    defaults to bf16, which on a CPU without native bf16 matrix units (AVX2 only) runs its matrix
+    products several times slower than float32."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -34,7 +37,7 @@ def train_reward_judge(model: str, train_pairs: Sequence[dict], output_dir: str 
     args = RewardConfig(output_dir=str(output_dir.with_name(output_dir.name + ".work")), max_steps=max_steps,
                         per_device_train_batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
                         seed=seed, report_to=[], save_strategy="no", logging_steps=max(1, max_steps // 10),
-                        use_cpu=use_cpu, lr_scheduler_type="linear", warmup_steps=0)
+                        use_cpu=use_cpu, bf16=bf16, lr_scheduler_type="linear", warmup_steps=0)
     log(f"judge: training a reward model from {model} on {len(rows)} training pairs ({max_steps} steps of "
         f"{batch_size} pairs, learning rate {learning_rate:g}) with TRL's RewardTrainer")
     started = time.monotonic()
@@ -42,7 +45,8 @@ def train_reward_judge(model: str, train_pairs: Sequence[dict], output_dir: str 
     trainer.train()
     report = {"base_model": model, "train_pairs": len(rows), "steps": trainer.state.global_step,
               "max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
-              "max_length": max_length, "seed": seed, "train_seconds": round(time.monotonic() - started, 1),
+              "max_length": max_length, "seed": seed, "bf16": bf16,
+              "train_seconds": round(time.monotonic() - started, 1),
               "trainer": "trl.RewardTrainer"}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:

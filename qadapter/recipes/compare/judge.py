@@ -24,7 +24,8 @@ def train_judge_model(plan: Plan, training: Training, *, steps: int, learning_ra
         return str(judge_dir)
     train_reward_judge(plan.job.model, training.train_pairs, judge_dir, max_steps=steps, learning_rate=learning_rate,
                        batch_size=batch_size, max_length=plan.config.max_length, seed=plan.config.seed,
-                       use_cpu=bool(getattr(plan.config, "use_cpu", False)) or plan.device == "cpu", log=log)
+                       use_cpu=bool(getattr(plan.config, "use_cpu", False)) or plan.device == "cpu",
+                       bf16=bool(getattr(plan.config, "bf16", False)), log=log)
     training.trained.append("judge")
     return str(judge_dir)
 
