@@ -5,6 +5,7 @@ random models and tiny benchmark files only (nothing is downloaded)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -598,3 +599,38 @@ def test_the_judge_trains_in_the_precision_asked_not_trls_bf16_default(setup, tm
         report = train_reward_judge(str(setup / "model"), rows, tmp_path / "judge", max_steps=1, batch_size=2,
                                     max_length=64, use_cpu=True, log=lambda *a: None)
     assert seen == [bf16] and report["bf16"] is bf16 and report["steps"] == 1
+
+
+def test_a_result_another_process_stored_meanwhile_is_read_not_computed_again(setup, monkeypatch):
+    """Two processes of one comparison (say one per --benchmarks subset) share OUT/eval: a result the
+    other stored after this one's policy group began is read from disk, not computed again."""
+    import shutil
+
+    from qadapter.recipes.compare import evaluations
+
+    out = setup / "concurrent"
+    job, config = job_and_config(setup)
+    kw = comparison_kwargs(setup, methods=["sft"], benchmarks=["kl"], train_judge=False, limits={"kl": 3, "preferences": 4})
+    first = run_comparison(out, job, config, **kw)
+    stored = out / "eval" / "sft" / "preferences.json"
+    shutil.copy(stored, setup / "preferences.json")
+    (out / "eval" / "sft" / "kl.json").unlink()
+    stored.unlink()
+    calls = []
+    kl, preferences = evaluations.REGISTRY["kl"], evaluations.REGISTRY["preferences"]
+
+    def kl_then_the_other_process_stores_preferences(*a, **k):
+        calls.append("kl")
+        shutil.copy(setup / "preferences.json", stored)  # the other process, while this one runs kl
+        return kl.run(*a, **k)
+
+    def preferences_run(*a, **k):
+        calls.append("preferences")
+        return preferences.run(*a, **k)
+
+    monkeypatch.setitem(evaluations.REGISTRY, "kl", dataclasses.replace(kl, run=kl_then_the_other_process_stores_preferences))
+    monkeypatch.setitem(evaluations.REGISTRY, "preferences", dataclasses.replace(preferences, run=preferences_run))
+    again = run_comparison(out, job, config, **kw)
+    assert calls == ["kl"]
+    assert again.computed == [("sft", "kl")]
+    assert again.results["sft"]["preferences"] == first.results["sft"]["preferences"]

@@ -322,6 +322,13 @@ def evaluate_group(plan: Plan, ctx: Context, group: list[PolicyPoint], todo: dic
         for entry, key, path, cached in tqdm(todo[point.name], desc=f"evaluating {point.name}", disable=not progress):
             result = done.get((point.name, entry.name))
             if result is None:
+                # another process of the same comparison (e.g. one per --benchmarks subset) may have
+                # stored it since this group started: read it rather than compute it twice
+                stored = read_json(path) if path.is_file() else None
+                if stored and stored.get("key") == key:
+                    log(f"{point.name}: {entry.name} stored meanwhile in {path}, reusing it")
+                    ctx.results[point.name][entry.name] = stored["result"]
+                    continue
                 reuse = entry.reusable_answers(cached, key)
                 result = entry.run(ctx, view, base, point.name, reuse).to_dict(samples=True)
             write_json(path, {"key": key, "result": entry.stamp(point.name, result)})
