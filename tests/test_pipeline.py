@@ -361,3 +361,20 @@ def test_subnormal_flushing_restores_what_the_process_had_before():
     with subnormals_flushed():
         assert not subnormal_survives()
     assert subnormal_survives()
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_about(tiny_model_dir, tmp_path, monkeypatch, native_bf16):
+    # an AVX2-only CPU ran bf16 autocast training 8-13x slower than float32 (docs/results.md)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    job, config = small_job(tmp_path, tiny_model_dir, write_pairs(tmp_path / "p.jsonl", 12))
+    config.bf16 = True
+    lines = []
+    run_training(job, config, log=lines.append)
+    warned = [line for line in lines if "bf16 matrix units" in line]
+    assert len(warned) == (0 if native_bf16 else 1)
+    config.bf16 = False
+    from qadapter.recipes.train import slow_bf16_warning
+
+    assert slow_bf16_warning(config) is None
