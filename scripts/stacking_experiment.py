@@ -265,6 +265,8 @@ def report(args):
 
     out = Path(args.out)
     methods = {m: json.loads((out / f"{m}.json").read_text()) for m in ("qadapter", "dpo") if (out / f"{m}.json").is_file()}
+    # which β a DPO chain ran at is the point of a matched comparison: every label says it
+    names = {m: m if m == "qadapter" else f"{m} β={res['settings']['dpo_beta']:g}" for m, res in methods.items()}
     arc0 = json.loads((out / "arc_base.json").read_text()) if (out / "arc_base.json").is_file() else None
     lines = ["| method | after step | " + " | ".join(f"{d} margin acc." for d in DOMAINS) + " | KL from base | ARC-Easy |",
              "|---|---|" + "---|" * (len(DOMAINS) + 2)]
@@ -281,7 +283,7 @@ def report(args):
                 cells.append(f"{c['margin_accuracy']:.3f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" if c else "")
             arc = row.get("arc_easy")
             arc_cell = f"{arc['value']:.3f} [{arc['ci'][0]:.3f}, {arc['ci'][1]:.3f}] (n={arc['n']})" if arc else "—"
-            lines.append(f"| {m} | {row['step']} {row['domain']} | " + " | ".join(cells) +
+            lines.append(f"| {names[m]} | {row['step']} {row['domain']} | " + " | ".join(cells) +
                          f" | {row['kl']['value']:.4f} | {arc_cell} |")
             own[row["domain"]] = row["margins"][row["domain"]]
         last = res["steps"][-1] if res["steps"] else None
@@ -293,7 +295,7 @@ def report(args):
     lines.append("| method | " + " | ".join(f"{d}: kept of own gain" for d in DOMAINS[:-1]) + " |")
     lines.append("|---|" + "---|" * (len(DOMAINS) - 1))
     for m, r in retention.items():
-        lines.append(f"| {m} | " + " | ".join("" if d not in r else "own gain not resolved" if r[d] is None
+        lines.append(f"| {names[m]} | " + " | ".join("" if d not in r else "own gain not resolved" if r[d] is None
                                               else f"{r[d]:.0%}" for d in DOMAINS[:-1]) + " |")
     print("\n".join(lines))
 
@@ -303,15 +305,15 @@ def report(args):
         for j, d in enumerate(DOMAINS):
             xs = [row["step"] for row in res["steps"] if d in row["margins"]]
             ys = [row["margins"][d]["margin_accuracy"] for row in res["steps"] if d in row["margins"]]
-            axes[0].plot(xs, ys, style, marker="o", color=f"C{j}", label=f"{m}: {d}")
+            axes[0].plot(xs, ys, style, marker="o", color=f"C{j}", label=f"{names[m]}: {d}")
         axes[1].plot([0] + [r["step"] for r in res["steps"]], [0] + [r["kl"]["value"] for r in res["steps"]], style,
-                     marker="o", color="k", label=m)
+                     marker="o", color="k", label=names[m])
         pts = [(0, arc0)] if arc0 else []
         pts += [(r["step"], r["arc_easy"]) for r in res["steps"] if r.get("arc_easy")]
         if pts:
             axes[2].errorbar([p[0] + (0.05 if m == "dpo" else 0) for p in pts], [p[1]["value"] for p in pts],
                              yerr=[[p[1]["value"] - p[1]["ci"][0] for p in pts], [p[1]["ci"][1] - p[1]["value"] for p in pts]],
-                             fmt="o" + style, capsize=3, label=m)
+                             fmt="o" + style, capsize=3, label=names[m])
     axes[0].axhline(0.5, color="grey", lw=0.8)
     axes[0].set(title="held-out margin accuracy vs the original base", xlabel="after step", xticks=[1, 2, 3, 4])
     axes[0].legend(fontsize=6, ncol=2)

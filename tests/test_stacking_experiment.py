@@ -49,5 +49,5 @@ def test_four_step_chains_measure_every_earlier_domain_and_report(tmp_path):
         assert len(stack["adapters"]) == 4
         assert res["steps"][-1]["arc_easy"]["n"] == 4
     assert (tmp_path / "out" / "stacking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report.count("| qadapter |") == 5 and report.count("| dpo |") == 5  # 4 steps + the kept-gain row
+    assert report.count("| qadapter |") == 5 and report.count("| dpo β=0.1 |") == 5  # 4 steps + the kept-gain row; the β named
     assert "| base | — |" in report
