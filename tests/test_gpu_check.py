@@ -23,7 +23,9 @@ def test_cpu_run_checks_both_fast_paths_in_bf16_and_times_the_big_model_shape(ca
     results = {line.split()[1]: dict(kv.split("=") for kv in line.split()[2:] if "=" in kv)
                for line in lines(out, "RESULT ")}
     for name in ("bf16_step_shared_fused", "bf16_step_shared", "bf16_step_fused"):
-        assert float(results[name]["grad_rel"]) > 0  # bf16 really rounds differently: a real comparison
+        # each step really ran in bf16 (its gradients differ from float32's); against the bf16
+        # straightforward step they may be bit-identical (an AVX2 CPU's fallback bf16 kernel)
+        assert float(results[name]["grad_rel_vs_f32"]) > 0
         assert float(results[name]["loss_rel"]) <= gpu_check.BF16_TOLERANCE
     assert 0 < float(results["bf16_noise_floor"]["grad_rel"]) < 0.1
     assert float(results["big_model_step_shipped"]["step_s"]) > 0
