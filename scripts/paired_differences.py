@@ -8,6 +8,12 @@ folders that evaluated the same items (e.g. the same held-out split with and wit
 
     python scripts/paired_differences.py runs/e27:qadapter runs/e27:base
     python scripts/paired_differences.py runs/noise_0.4:qadapter runs/noise_0:qadapter
+
+Given four policies, A B C D, it prints the difference of differences (A − B) − (C − D) item by
+item, e.g. whether label noise cost the Q-Adapter less than matched DPO::
+
+    python scripts/paired_differences.py runs/noise_0.4:qadapter runs/noise_0:qadapter \
+        runs/noise_0.4:qadapter_alpha_tilde=1_beta=0 runs/noise_0:qadapter_alpha_tilde=1_beta=0
 """
 
 from __future__ import annotations
@@ -43,32 +49,43 @@ def samples(folder: Path, policy: str, evaluation: str) -> dict | None:
     return items
 
 
-def paired(a: dict, b: dict, field: str, n_boot: int = 2000, seed: int = 0):
-    """(mean of a − b, ci_low, ci_high, n) over the items both have a value for, or None."""
-    keys = [k for k in a if k in b and a[k].get(field) is not None and b[k].get(field) is not None]
+def paired(a: dict, b: dict, field: str, n_boot: int = 2000, seed: int = 0, c: dict | None = None,
+           d: dict | None = None):
+    """(mean of a − b, ci_low, ci_high, n) over the items both have a value for, or None; with c and
+    d, of (a − b) − (c − d) over the items all four have."""
+    others = [x for x in (c, d) if x is not None]
+    keys = [k for k in a if all(k in x and x[k].get(field) is not None for x in (a, b, *others))
+            and a[k].get(field) is not None]
     if not keys:
         return None
-    d = np.array([float(a[k][field]) - float(b[k][field]) for k in keys])
-    low, high = bootstrap_ci(d, n_boot=n_boot, seed=seed)
-    return float(d.mean()), low, high, len(keys)
+    diff = np.array([float(a[k][field]) - float(b[k][field]) for k in keys])
+    if others:
+        diff -= np.array([float(c[k][field]) - float(d[k][field]) for k in keys])
+    low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    return float(diff.mean()), low, high, len(keys)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", help="DIR:POLICY, e.g. runs/e27:qadapter")
     parser.add_argument("b", help="DIR:POLICY, e.g. runs/e27:base")
+    parser.add_argument("c", nargs="?", help="DIR:POLICY: with D, print (A − B) − (C − D)")
+    parser.add_argument("d", nargs="?", help="DIR:POLICY")
     args = parser.parse_args(argv)
-    (dir_a, pol_a), (dir_b, pol_b) = (s.rsplit(":", 1) for s in (args.a, args.b))
+    if (args.c is None) != (args.d is None):
+        parser.error("give C and D together (the difference of differences), or neither")
+    names = [x for x in (args.a, args.b, args.c, args.d) if x is not None]
+    label = f"{args.a} − {args.b}" + (f" − ({args.c} − {args.d})" if args.c else "")
     for evaluation, fields in FIELDS.items():
-        a, b = samples(Path(dir_a), pol_a, evaluation), samples(Path(dir_b), pol_b, evaluation)
-        if not a or not b:
+        policies = [samples(Path(folder), policy, evaluation) for folder, policy in (n.rsplit(":", 1) for n in names)]
+        if not all(policies):
             continue
         for field in fields:
-            r = paired(a, b, field)
+            r = paired(*policies[:2], field, c=policies[2] if args.c else None, d=policies[3] if args.c else None)
             if r:
                 mean, low, high, n = r
                 mark = " *" if low > 0 or high < 0 else ""
-                print(f"{args.a} − {args.b}  {evaluation}.{field}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n}){mark}")
+                print(f"{label}  {evaluation}.{field}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n}){mark}")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,13 @@ def test_paired_differences_score_every_multiple_choice_evaluation_as_compare_do
     for evaluation in ("mmlu0", "arc_challenge"):
         line = next(line for line in out if f"{evaluation}.correct" in line)
         assert "+1.0000 [+1.0000, +1.0000] (n=25) *" in line
+
+
+def test_four_policies_give_the_difference_of_differences(tmp_path):
+    # (A − B) − (C − D) item by item: A lost 1 to the noise, C lost 3, so A lost 2 less
+    margins = {"a": 4.0, "b": 5.0, "c": 2.0, "d": 5.0}
+    for name, margin in margins.items():
+        cache(tmp_path / name, "p", "preferences", [{"index": i, "margin": margin + 0.01 * i} for i in range(12)])
+    out = run_script("paired_differences.py", *(f"{tmp_path / n}:p" for n in "abcd"), cwd=tmp_path)
+    line = next(line for line in out.splitlines() if "preferences.margin" in line)
+    assert " − (" in line and "+2.0000 [+2.0000, +2.0000] (n=12) *" in line
