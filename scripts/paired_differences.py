@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from qadapter.evaluation.stats import bootstrap_ci
+from qadapter.evaluation.stats import bootstrap_ci, ties_half
 from qadapter.recipes.compare.evaluations import REGISTRY
 
 #: multiple-choice evaluations: their samples hold pred and gold; "correct" is compare's own item
 #: score of each (REGISTRY[...].item_score: 1 for a correct answer)
 MULTIPLE_CHOICE = ("mmlu0", "mmlu5", "arc_easy", "arc_challenge")
 #: the per-item sample fields compared, per evaluation
-FIELDS = {"preferences": ("margin",), "kl": ("kl",), **{name: ("correct",) for name in MULTIPLE_CHOICE},
+FIELDS = {"preferences": ("margin", "margin_accuracy"), "kl": ("kl",), **{name: ("correct",) for name in MULTIPLE_CHOICE},
           "ifeval": ("prompt_level_strict_acc", "prompt_level_loose_acc"),
           "fluency": ("repeated_4grams", "distinct_2", "length", "base_nll", "at_cap")}
 
@@ -45,6 +45,9 @@ def samples(folder: Path, policy: str, evaluation: str) -> dict | None:
     for i, sample in enumerate(json.loads(path.read_text())["result"]["samples"]):
         if evaluation in MULTIPLE_CHOICE:
             sample = {**sample, "correct": REGISTRY[evaluation].item_score(sample)}
+        if evaluation == "preferences" and sample.get("margin") is not None:
+            # the item's share of margin accuracy (ties half), the scale-free side of the margin
+            sample = {**sample, "margin_accuracy": float(ties_half(np.asarray([sample["margin"]]))[0])}
         items[sample.get("index", i)] = sample
     return items
 

@@ -47,3 +47,5 @@ def test_four_policies_give_the_difference_of_differences(tmp_path):
     out = run_script("paired_differences.py", *(f"{tmp_path / n}:p" for n in "abcd"), cwd=tmp_path)
     line = next(line for line in out.splitlines() if "preferences.margin" in line)
     assert " − (" in line and "+2.0000 [+2.0000, +2.0000] (n=12) *" in line
+    accuracy = next(line for line in out.splitlines() if "preferences.margin_accuracy" in line)
+    assert "+0.0000 [+0.0000, +0.0000] (n=12)" in accuracy  # every margin stays positive: no item changes sign
