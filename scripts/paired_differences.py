@@ -57,8 +57,7 @@ def paired(a: dict, b: dict, field: str, n_boot: int = 2000, seed: int = 0, c: d
     """(mean of a − b, ci_low, ci_high, n) over the items both have a value for, or None; with c and
     d, of (a − b) − (c − d) over the items all four have."""
     others = [x for x in (c, d) if x is not None]
-    keys = [k for k in a if all(k in x and x[k].get(field) is not None for x in (a, b, *others))
-            and a[k].get(field) is not None]
+    keys = [k for k in a if all(k in x and x[k].get(field) is not None for x in (a, b, *others))]
     if not keys:
         return None
     diff = np.array([float(a[k][field]) - float(b[k][field]) for k in keys])
@@ -84,7 +83,7 @@ def main(argv=None) -> None:
         if not all(policies):
             continue
         for field in fields:
-            r = paired(*policies[:2], field, c=policies[2] if args.c else None, d=policies[3] if args.c else None)
+            r = paired(policies[0], policies[1], field, **dict(zip("cd", policies[2:])))
             if r:
                 mean, low, high, n = r
                 mark = " *" if low > 0 or high < 0 else ""
