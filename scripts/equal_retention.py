@@ -47,7 +47,9 @@ def item_matrix(folder: Path, policies: list[str], measure: str) -> np.ndarray |
 
 def curve_minus_point(x: np.ndarray, y: np.ndarray) -> float:
     """y of the curve (points 0..n-2, in order, joined by straight lines) at the x of the last point,
-    minus the last point's y; nan when no segment spans that x. ``x``, ``y``: (n,) means."""
+    minus the last point's y; nan when no segment spans that x. Where x is not monotone along the
+    curve (repeated 4-grams can be), the first spanning segment, the lowest strength, is used.
+    ``x``, ``y``: (n,) means."""
     xb, yb = x[-1], y[-1]
     for k in range(len(x) - 2):
         lo, hi = x[k], x[k + 1]
