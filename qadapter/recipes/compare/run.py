@@ -260,6 +260,13 @@ def load(plan: Plan, point: PolicyPoint):
     return policy, base_policy(policy)
 
 
+def stored_result(path: Path, key: dict) -> tuple[dict | None, dict | None]:
+    """(what ``path`` stores, or None; its result when stored under ``key``, else None): a result
+    computed with other settings is not reused, though its answers may be (``reusable_answers``)."""
+    stored = read_json(path) if path.is_file() else None
+    return stored, (stored["result"] if stored and stored.get("key") == key else None)
+
+
 def evaluate(plan: Plan, ctx: Context, *, progress: bool = True, log=print) -> list[tuple[str, str]]:
     """Score every point with every selected evaluation, reusing each stored result whose cache key
     matches; the points of one trained folder share one loaded model. Fills ``ctx.results``;
@@ -279,9 +286,9 @@ def evaluate(plan: Plan, ctx: Context, *, progress: bool = True, log=print) -> l
             for entry in plan.evaluations:
                 key = entry.cache_key(ctx, point.name, fingerprint, point.strength)
                 path = plan.out / "eval" / point.folder / f"{entry.name}.json"
-                cached = read_json(path) if path.is_file() else None
-                if cached and cached.get("key") == key:
-                    ctx.results[point.name][entry.name] = cached["result"]
+                cached, result = stored_result(path, key)
+                if result is not None:
+                    ctx.results[point.name][entry.name] = result
                 else:
                     todo.setdefault(point.name, []).append((entry, key, path, cached))
             if point.name not in todo:
@@ -324,10 +331,10 @@ def evaluate_group(plan: Plan, ctx: Context, group: list[PolicyPoint], todo: dic
             if result is None:
                 # another process of the same comparison (e.g. one per --benchmarks subset) may have
                 # stored it since this group started: read it rather than compute it twice
-                stored = read_json(path) if path.is_file() else None
-                if stored and stored.get("key") == key:
+                _, stored = stored_result(path, key)
+                if stored is not None:
                     log(f"{point.name}: {entry.name} stored meanwhile in {path}, reusing it")
-                    ctx.results[point.name][entry.name] = stored["result"]
+                    ctx.results[point.name][entry.name] = stored
                     continue
                 reuse = entry.reusable_answers(cached, key)
                 result = entry.run(ctx, view, base, point.name, reuse).to_dict(samples=True)
