@@ -16,7 +16,9 @@ KL from the original base on general prompts (UltraFeedback, none trained on), a
 of ``--arc-at-steps`` ARC-Easy. The split is by ``query_index``: the same held-out queries for all four domains (DSP's
 four files hold the same 661 queries), none of them trained on in any step. DSP (CC BY-NC) is read
 from ``--dsp`` and the per-domain training files are written under ``--out`` (never into the
-repository). Results are written after every measurement to ``OUT/{method}.json``.
+repository). Results are written after every measurement to ``OUT/{method}.json`` (the KL per
+prompt too); ``--report`` prints the tables and, where both chains stored per-prompt KL, their KL
+difference after each step paired prompt by prompt, with a bootstrap interval.
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ def measure(args, policy, base, base_meas, tokenizer, domains, arc: bool):
         row["margins"][d] = margin_accuracy(logprobs(policy, held_out_requests(args, tokenizer, d)), base_meas["logprobs"][d])
         log(f"  {d}: margin accuracy {row['margins'][d]['margin_accuracy']:.3f} ({time.monotonic() - t:.0f} s)")
     kl = kl_from_base(policy, base, prompts=base_meas["kl_prompts"], responses=base_meas["kl_responses"], progress=False)
-    row["kl"] = {"value": kl.score, "ci": list(kl.ci), "n": kl.n}
+    # per prompt too: two chains measured on the same prompts can then be compared pair by pair
+    row["kl"] = {"value": kl.score, "ci": list(kl.ci), "n": kl.n, "per_prompt": [s["kl"] for s in kl.samples]}
     log(f"  KL from base {kl.score:.4f}")
     if arc:
         t = time.monotonic()
@@ -257,6 +260,27 @@ def arc_base(args):
     log(f"{args.arc_of or 'base'} ARC-Easy {out['value']:.3f} [{out['ci'][0]:.3f}, {out['ci'][1]:.3f}] n={out['n']}")
 
 
+def paired_kl_lines(methods: dict, names: dict) -> list[str]:
+    """KL(Q-Adapter chain) − KL(DPO chain) after each step, paired prompt by prompt (both chains
+    answer the base's same KL prompts), with its bootstrap interval; chains measured before the
+    per-prompt values were stored give none."""
+    from qadapter.evaluation.stats import bootstrap_ci
+
+    if set(methods) != {"qadapter", "dpo"}:
+        return []
+    lines = []
+    for q, d in zip(methods["qadapter"]["steps"], methods["dpo"]["steps"]):
+        a, b = q["kl"].get("per_prompt"), d["kl"].get("per_prompt")
+        if not a or not b or len(a) != len(b):
+            continue
+        diff = [x - y for x, y in zip(a, b)]
+        low, high = bootstrap_ci(diff, n_boot=2000, seed=0)
+        mark = " (interval excludes 0)" if low > 0 or high < 0 else ""
+        lines.append(f"KL {names['qadapter']} − {names['dpo']} after step {q['step']}: {sum(diff) / len(diff):+.4f} "
+                     f"[{low:+.4f}, {high:+.4f}], paired over {len(diff)} prompts{mark}")
+    return ([""] + lines) if lines else []
+
+
 def report(args):
     """The markdown table and the plot of docs/results.md from OUT/{qadapter,dpo}.json."""
     import matplotlib
@@ -297,6 +321,7 @@ def report(args):
     for m, r in retention.items():
         lines.append(f"| {names[m]} | " + " | ".join("" if d not in r else "own gain not resolved" if r[d] is None
                                               else f"{r[d]:.0%}" for d in DOMAINS[:-1]) + " |")
+    lines += paired_kl_lines(methods, names)
     print("\n".join(lines))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

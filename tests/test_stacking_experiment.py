@@ -45,9 +45,12 @@ def test_four_step_chains_measure_every_earlier_domain_and_report(tmp_path):
             assert list(step["margins"]) == list(DOMAINS[:step["step"]])  # every domain so far
             assert all(m["n"] == 4 for m in step["margins"].values())
             assert step["kl"]["value"] >= 0 and step["train_steps"] == 2
+            assert len(step["kl"]["per_prompt"]) == 2
+            assert abs(sum(step["kl"]["per_prompt"]) / 2 - step["kl"]["value"]) < 1e-9
         stack = json.loads((tmp_path / res["steps"][-1]["folder"] / STACK_CONFIG).read_text())
         assert len(stack["adapters"]) == 4
         assert res["steps"][-1]["arc_easy"]["n"] == 4
     assert (tmp_path / "out" / "stacking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.count("| qadapter |") == 5 and report.count("| dpo β=0.1 |") == 5  # 4 steps + the kept-gain row; the β named
     assert "| base | — |" in report
+    assert report.count("paired over 2 prompts") == 4  # one per step: the chains' KL, prompt by prompt
