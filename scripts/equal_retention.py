@@ -74,18 +74,29 @@ def compare_at_equal_x(X: np.ndarray, Y: np.ndarray, n_boot: int = 2000, seed: i
     return estimate, float(low), float(high), inside.size / n_boot
 
 
+def measure_name(text: str) -> str:
+    evaluation, _, field = text.partition(".")
+    if not evaluation or not field:
+        raise argparse.ArgumentTypeError(f"{text!r}: give EVALUATION.FIELD, e.g. kl.kl or preferences.margin")
+    return text
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="a qadapter compare output folder, e.g. runs/e29")
     parser.add_argument("--curve", nargs="+", required=True,
                         help="the curve's points in strength order, e.g. base qadapter@0.5 qadapter@1 qadapter@2")
     parser.add_argument("--against", nargs="+", required=True, help="the baseline points, e.g. dpo replay sft_kl")
-    parser.add_argument("--x", nargs="+", default=list(X_FIELDS), help="retention measures EVALUATION.FIELD")
-    parser.add_argument("--y", nargs="+", default=list(Y_FIELDS), help="preference measures EVALUATION.FIELD")
+    parser.add_argument("--x", nargs="+", type=measure_name, default=list(X_FIELDS), help="retention measures EVALUATION.FIELD")
+    parser.add_argument("--y", nargs="+", type=measure_name, default=list(Y_FIELDS), help="preference measures EVALUATION.FIELD")
     parser.add_argument("--n-boot", type=int, default=2000)
     args = parser.parse_args(argv)
     if len(args.curve) < 2:
         parser.error("--curve needs at least two points (e.g. base and the Q-Adapter at strength 1)")
+    missing = [p for p in args.curve + args.against if not (args.folder / "eval" / p).is_dir()]
+    if missing:
+        parser.error(f"{args.folder / 'eval'} holds no evaluated policy {', '.join(missing)}: "
+                     "name the points as that folder does (e.g. base, qadapter@0.5, dpo)")
     for baseline in args.against:
         policies = args.curve + [baseline]
         for x_measure in args.x:
