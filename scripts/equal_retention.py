@@ -99,15 +99,14 @@ def main(argv=None) -> None:
                      "name the points as that folder does (e.g. base, qadapter@0.5, dpo)")
     for baseline in args.against:
         policies = args.curve + [baseline]
+        # read once per baseline, not once per retention measure
+        ys = {m: Y for m in args.y if (Y := item_matrix(args.folder, policies, m)) is not None}
         for x_measure in args.x:
             X = item_matrix(args.folder, policies, x_measure)
             if X is None:
                 continue
             xs = X.mean(axis=1)
-            for y_measure in args.y:
-                Y = item_matrix(args.folder, policies, y_measure)
-                if Y is None:
-                    continue
+            for y_measure, Y in ys.items():
                 head = f"{baseline} at equal {x_measure} = {xs[-1]:.4f}: curve − {baseline} in {y_measure}"
                 estimate, low, high, share = compare_at_equal_x(X, Y, n_boot=args.n_boot)
                 if np.isnan(estimate):
