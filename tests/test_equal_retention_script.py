@@ -4,10 +4,7 @@ no number for a baseline outside the curve's range."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from script_testing import SCRIPTS, run_script
+from script_testing import run_script
 from test_paired_differences_script import cache
 
 N = 100
@@ -51,10 +48,9 @@ def test_a_missing_evaluation_prints_nothing_for_it(tmp_path):
 def test_an_unknown_point_or_a_malformed_measure_is_an_error_naming_it(tmp_path):
     for name, kl, wins in (("base", 0.0, 0), ("qadapter@1", 0.2, 70)):
         policy(tmp_path, name, kl, wins)
-    script = str(SCRIPTS / "equal_retention.py")
-    bad = subprocess.run([sys.executable, script, str(tmp_path), "--curve", "base", "qadapter@1", "--against", "dpo"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "no evaluated policy dpo" in bad.stderr
-    bad = subprocess.run([sys.executable, script, str(tmp_path), "--curve", "base", "qadapter@1", "--against",
-                          "qadapter@1", "--x", "kl"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "'kl': give EVALUATION.FIELD" in bad.stderr
+    err = run_script("equal_retention.py", tmp_path, "--curve", "base", "qadapter@1", "--against", "dpo",
+                     cwd=tmp_path, returncode=2)
+    assert "no evaluated policy dpo" in err
+    err = run_script("equal_retention.py", tmp_path, "--curve", "base", "qadapter@1", "--against", "qadapter@1",
+                     "--x", "kl", cwd=tmp_path, returncode=2)
+    assert "'kl': give EVALUATION.FIELD" in err
