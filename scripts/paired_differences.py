@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qadapter.evaluation.stats import bootstrap_ci, ties_half
+from qadapter.evaluation.stats import bootstrap_ci, ratio_metric, ties_half
 from qadapter.recipes.compare.evaluations import REGISTRY
 
 #: multiple-choice evaluations: their samples hold pred and gold; "correct" is compare's own item
@@ -32,8 +32,12 @@ from qadapter.recipes.compare.evaluations import REGISTRY
 MULTIPLE_CHOICE = ("mmlu0", "mmlu5", "arc_easy", "arc_challenge")
 #: the per-item sample fields compared, per evaluation
 FIELDS = {"preferences": ("margin", "margin_accuracy"), "kl": ("kl",), **{name: ("correct",) for name in MULTIPLE_CHOICE},
-          "ifeval": ("prompt_level_strict_acc", "prompt_level_loose_acc"),
+          "ifeval": ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc"),
           "fluency": ("repeated_4grams", "distinct_2", "length", "base_nll", "at_cap")}
+#: IFEval's instruction-level accuracies pool the instructions of all prompts: an item's field holds one
+#: verdict per instruction, and the paired difference is Σ(followed A − followed B) / Σ instructions,
+#: resampled by prompt as compare's own interval is (qadapter.evaluation.stats.ratio_metric)
+POOLED = ("inst_level_strict_acc", "inst_level_loose_acc")
 
 
 def samples(folder: Path, policy: str, evaluation: str) -> dict | None:
@@ -60,9 +64,19 @@ def paired(a: dict, b: dict, field: str, n_boot: int = 2000, seed: int = 0, c: d
     keys = [k for k in a if all(k in x and x[k].get(field) is not None for x in (a, b, *others))]
     if not keys:
         return None
-    diff = np.array([float(a[k][field]) - float(b[k][field]) for k in keys])
+
+    def values(x: dict) -> np.ndarray:
+        if field in POOLED:
+            return np.array([float(sum(x[k][field])) for k in keys])
+        return np.array([float(x[k][field]) for k in keys])
+
+    diff = values(a) - values(b)
     if others:
-        diff -= np.array([float(c[k][field]) - float(d[k][field]) for k in keys])
+        diff -= values(c) - values(d)
+    if field in POOLED:
+        instructions = np.array([float(len(a[k][field])) for k in keys])
+        metric = ratio_metric(diff, instructions, n_boot=n_boot, seed=seed)
+        return metric.value, metric.ci_low, metric.ci_high, len(keys)
     low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
     return float(diff.mean()), low, high, len(keys)
 

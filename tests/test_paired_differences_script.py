@@ -49,3 +49,21 @@ def test_four_policies_give_the_difference_of_differences(tmp_path):
     assert " − (" in line and "+2.0000 [+2.0000, +2.0000] (n=12) *" in line
     accuracy = next(line for line in out.splitlines() if "preferences.margin_accuracy" in line)
     assert "+0.0000 [+0.0000, +0.0000] (n=12)" in accuracy  # every margin stays positive: no item changes sign
+
+
+def test_instruction_level_ifeval_pools_instructions_over_prompts(tmp_path):
+    # 20 prompts: 10 with 1 instruction, 10 with 3. A follows every instruction; B misses all three
+    # instructions of the 3-instruction prompts: pooled, A − B = 30 / 40 = 0.75 (a mean over prompts
+    # would give 0.5); prompt level, A − B = 10 / 20 = 0.5
+    def records(follows_long):
+        return [{"index": i, "prompt_level_strict_acc": i % 2 == 0 or follows_long,
+                 "inst_level_strict_acc": [True] if i % 2 == 0 else [follows_long] * 3} for i in range(20)]
+    cache(tmp_path / "a", "qadapter", "ifeval", records(True))
+    cache(tmp_path / "b", "base", "ifeval", records(False))
+    out = run_script("paired_differences.py", f"{tmp_path / 'a'}:qadapter", f"{tmp_path / 'b'}:base",
+                     cwd=tmp_path).splitlines()
+    pooled = next(line for line in out if "ifeval.inst_level_strict_acc" in line)
+    assert pooled.startswith(f"{tmp_path / 'a'}:qadapter − ") and "+0.7500 [" in pooled and pooled.endswith("(n=20) *")
+    prompt = next(line for line in out if "ifeval.prompt_level_strict_acc" in line)
+    assert "+0.5000 [" in prompt and prompt.endswith("(n=20) *")
+    assert not any("inst_level_loose_acc" in line for line in out)  # in neither cache

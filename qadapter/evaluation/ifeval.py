@@ -33,7 +33,7 @@ import numpy as np
 from ..chat import as_messages
 from .benchmarks import DATA_DIR
 from .scoring import generate_texts
-from .stats import EvalResult, Metric, bootstrap_means, make_metric, subsample
+from .stats import EvalResult, Metric, make_metric, ratio_metric, subsample
 
 __all__ = ["MissingNLTKData", "NLTK_DATA_PACKAGE", "IFEVAL_MAX_NEW_TOKENS", "load_ifeval", "ensure_nltk_data",
            "score_ifeval", "evaluate_ifeval"]
@@ -151,19 +151,6 @@ def score_ifeval(docs: Sequence[dict], responses: Sequence[str]) -> list[dict[st
     return records
 
 
-def _ratio_metric(followed: np.ndarray, counts: np.ndarray, n_boot: int, seed: int) -> Metric:
-    """Σ followed / Σ counts with a bootstrap over prompts: the two means are resampled with the same
-    indices (two generators of one seed), so their ratio is the resampled pooled accuracy."""
-    if counts.size == 0:
-        return Metric(float("nan"), float("nan"), float("nan"))
-    value = float(followed.sum() / counts.sum())
-    ratios = (bootstrap_means(followed, n_boot, np.random.default_rng(seed))
-              / bootstrap_means(counts, n_boot, np.random.default_rng(seed)))
-    low, high = np.quantile(ratios, [0.025, 0.975])
-    # clamped: where every prompt has the same rate the float ratios may land an ulp beside the value
-    return Metric(value, float(min(low, value)), float(max(high, value)))
-
-
 def ifeval_metrics(records: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, Metric]:
     """The four IFEval accuracies of scored records (:func:`score_ifeval`), each with its interval."""
     counts = np.asarray([len(r["inst_level_strict_acc"]) for r in records], dtype=np.float64)
@@ -172,7 +159,7 @@ def ifeval_metrics(records: Sequence[dict], n_boot: int = 1000, seed: int = 0) -
         out[f"prompt_level_{level}_acc"] = make_metric([float(r[f"prompt_level_{level}_acc"]) for r in records],
                                                        n_boot, seed)
         followed = np.asarray([sum(r[f"inst_level_{level}_acc"]) for r in records], dtype=np.float64)
-        out[f"inst_level_{level}_acc"] = _ratio_metric(followed, counts, n_boot, seed)
+        out[f"inst_level_{level}_acc"] = ratio_metric(followed, counts, n_boot, seed)
     return out
 
 

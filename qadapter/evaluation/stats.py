@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "Metric", "EvalResult", "make_metric", "subsample"]
+__all__ = ["bootstrap_ci", "Metric", "EvalResult", "make_metric", "ratio_metric", "subsample"]
 
 
 def bootstrap_means(x: np.ndarray, n_boot: int, rng) -> np.ndarray:
@@ -63,6 +63,20 @@ def make_metric(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> M
     x = [float(v) for v in values]
     low, high = bootstrap_ci(x, n_boot=n_boot, seed=seed)
     return Metric(float(np.mean(x)) if x else math.nan, low, high)
+
+
+def ratio_metric(numerators: np.ndarray, weights: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Metric:
+    """Σ numerators / Σ weights (a pooled rate, e.g. instructions followed over instructions given)
+    with a bootstrap over items: the two means are resampled with the same indices (two generators of
+    one seed), so their ratio is the resampled pooled rate."""
+    if weights.size == 0:
+        return Metric(math.nan, math.nan, math.nan)
+    value = float(numerators.sum() / weights.sum())
+    ratios = (bootstrap_means(numerators, n_boot, np.random.default_rng(seed))
+              / bootstrap_means(weights, n_boot, np.random.default_rng(seed)))
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    # clamped: where every item has the same rate the float ratios may land an ulp beside the value
+    return Metric(value, float(min(low, value)), float(max(high, value)))
 
 
 @dataclass
