@@ -36,9 +36,10 @@ def item_matrix(folder: Path, policies: list[str], measure: str) -> np.ndarray |
     """(policies, items) values of ``measure`` over the items every policy has; None when one of
     them was not evaluated."""
     evaluation, field = measure.split(".", 1)
-    per_policy = [samples(folder, p, evaluation) for p in policies]
-    if not all(per_policy):
+    cached = [samples(folder, p, evaluation) for p in policies]  # one folder: the same items drawn
+    if not all(cached):
         return None
+    per_policy = [items for _, items in cached]
     keys = [k for k in per_policy[0] if all(k in s and s[k].get(field) is not None for s in per_policy)]
     if not keys:
         return None

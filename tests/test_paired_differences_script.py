@@ -8,10 +8,10 @@ import json
 from script_testing import run_script
 
 
-def cache(folder, policy, evaluation, samples):
+def cache(folder, policy, evaluation, samples, **key):
     path = folder / "eval" / policy / f"{evaluation}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": {}, "result": {"samples": samples}}))
+    path.write_text(json.dumps({"key": key, "result": {"samples": samples}}))
 
 
 def test_paired_differences_pair_items_and_mark_intervals_that_exclude_zero(tmp_path):
@@ -67,3 +67,21 @@ def test_instruction_level_ifeval_pools_instructions_over_prompts(tmp_path):
     prompt = next(line for line in out if "ifeval.prompt_level_strict_acc" in line)
     assert "+0.5000 [" in prompt and prompt.endswith("(n=20) *")
     assert not any("inst_level_loose_acc" in line for line in out)  # in neither cache
+
+
+def test_results_that_drew_other_items_are_not_paired_by_their_index(tmp_path):
+    # a sample's index is its place in the drawn subsample: ARC n = 300 and n = 1000 (or another
+    # seed) put other questions at index 0, so they must not pair; IFEval names its prompts and pairs
+    # over the ones both answered
+    a, b = tmp_path / "a", tmp_path / "b"
+    cache(a, "sft", "arc_easy", [{"index": i, "pred": 0, "gold": 0} for i in range(30)], limit=30, seed=0)
+    cache(b, "base", "arc_easy", [{"index": i, "pred": 0, "gold": 1} for i in range(50)], limit=50, seed=0)
+    cache(a, "sft", "ifeval", [{"index": i, "key": 1000 + 7 * i, "prompt_level_strict_acc": False} for i in range(10)],
+          limit=10, seed=0)
+    cache(b, "base", "ifeval", [{"index": i, "key": 1000 + i, "prompt_level_strict_acc": True} for i in range(70)],
+          limit=None, seed=0)
+    out = run_script("paired_differences.py", f"{a}:sft", f"{b}:base", cwd=tmp_path).splitlines()
+    arc = [line for line in out if "arc_easy" in line]
+    assert len(arc) == 1 and arc[0].endswith("arc_easy: not paired: they drew different items (limit: 30 vs 50)")
+    ifeval = next(line for line in out if "ifeval.prompt_level_strict_acc" in line)
+    assert "-1.0000 [-1.0000, -1.0000] (n=10) *" in ifeval  # keys 1000, 1007, ..., 1063: all ten answered by b
