@@ -129,5 +129,6 @@ def main(argv=None) -> None:
                 mark = " *" if low > 0 or high < 0 else ""
                 print(f"{label}  {evaluation}.{field}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n}){mark}")
 
+
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ def test_sft_kl_at_the_papers_budget_loses_ifeval_on_all_541_prompts(tmp_path):
     pooled = next(line for line in out if "ifeval.inst_level_strict_acc" in line)
     assert "-0.0779 [-0.1106, -0.0498] (n=541) *" in pooled
     # the n = 60 record against the n = 541 one: IFEval pairs over the 60 prompts both answered (the
-    # base's answers are the same there); the other evaluations drew the same items and pair whole
+    # base's answers are the same there); the n = 541 record holds IFEval alone, so nothing else pairs
     both = run_script("paired_differences.py", f"{RECORDS / 'dsp_paper_budget'}:base", f"{folder}:base",
                       cwd=tmp_path).splitlines()
     assert any("ifeval.prompt_level_strict_acc: +0.0000 [+0.0000, +0.0000] (n=60)" in line for line in both)
