@@ -378,3 +378,26 @@ def test_bf16_on_a_cpu_without_bf16_units_is_warned_about(tiny_model_dir, tmp_pa
     from qadapter.recipes.train import slow_bf16_warning
 
     assert slow_bf16_warning(config) is None
+
+
+def test_pairs_dropped_for_length_are_not_refused_for_the_prompts_they_would_lose(tiny_model_dir, tmp_path):
+    """--drop_longer_than N with N <= --max_length drops every pair that truncation would cut, so the
+    refusal of a max_length that cuts most prompts away does not apply: the long pairs are dropped and
+    counted instead (UltraFeedback at 256 tokens: 563 of 994 pairs too long). Without dropping, the
+    same file and max_length are still refused."""
+    from qadapter.errors import ConfigError
+    from qadapter.recipes.train import prepare_data
+
+    # 15 of 20 pairs have a 40-token response: at max_length 30 their prompts would be cut away
+    rows = [{"chosen": conv(f"w{i} w2", " ".join(["w4"] * (2 if i % 4 == 0 else 40))),
+             "rejected": conv(f"w{i} w2", "w6")} for i in range(20)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "long.jsonl"), drop_longer_than=30)
+    config.max_length = 30
+    data = prepare_data(job, config, log=lambda *_: None)
+    assert data.n_dropped == 15
+
+    job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "long.jsonl"), drop_longer_than=None)
+    config.max_length = 30
+    with pytest.raises(ConfigError, match="leaves no room for the prompt of 15 of 20 pairs"):
+        prepare_data(job, config, log=lambda *_: None)

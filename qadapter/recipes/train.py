@@ -144,6 +144,7 @@ def prepare_data(job: JobArguments, config, log=print) -> PreparedData:
     tokenize them once, drop the over-long ones, split by prompt; save the split when asked."""
     from ..data import (flip_labels, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
                         tokenize_pairs)
+    from ..data.tokenization import MAX_PROMPT_CUT_SHARE
 
     if job.data is None:
         pairs, load_report = load_embedded_pairs()
@@ -157,8 +158,13 @@ def prepare_data(job: JobArguments, config, log=print) -> PreparedData:
     tokenizer = load_tokenizer(model_path, pad_with_eos=True)
 
     # Tokenize once, before the split, so that length filtering cannot unbalance train and eval.
+    # When every pair longer than max_length is dropped below, none is cut: the check that too many
+    # pairs would lose their prompt to truncation does not apply (it would refuse, e.g., UltraFeedback
+    # at 256 tokens, where most pairs are longer and get dropped and counted instead).
+    drops_every_cut = bool(job.drop_longer_than) and job.drop_longer_than <= config.max_length
     ids, tok_report = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
-                                     max_prompt_length=config.max_prompt_length)
+                                     max_prompt_length=config.max_prompt_length,
+                                     max_prompt_cut_share=None if drops_every_cut else MAX_PROMPT_CUT_SHARE)
     log(f"tokens: {tok_report.summary()}")
     for column in ids.column_names:
         if column not in pairs.column_names:
