@@ -634,3 +634,39 @@ def test_a_result_another_process_stored_meanwhile_is_read_not_computed_again(se
     assert calls == ["kl"]
     assert again.computed == [("sft", "kl")]
     assert again.results["sft"]["preferences"] == first.results["sft"]["preferences"]
+
+
+def test_general_prompts_a_method_trained_on_are_left_out_of_kl_and_fluency(setup, tmp_path):
+    """Training on the general prompts' own source (UltraFeedback) must not let KL and fluency ask
+    what a method trained on: those prompts are left out before the draw, the cache key and
+    results.md say how many, and the prompts measured are exactly the seeded draw from the rest."""
+    import shutil
+
+    from qadapter.evaluation import load_general_prompts, subsample
+
+    bench = tmp_path / "bench"
+    shutil.copytree(setup / "bench", bench)
+    general = [f"w{i} w12 w13" for i in range(12)]
+    write_jsonl(bench / "ultrafeedback_prompts" / "prompts.jsonl", [{"prompt": p} for p in general])
+    # 20 pairs on the first 10 general prompts (two each): the split trains on some, holds out others
+    write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": conv(general[i // 2], f"w3{i % 10} w4"),
+                                            "rejected": conv(general[i // 2], "w50 w51 w52")} for i in range(20)])
+    job, config = job_and_config(setup)
+    job.data = str(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    run_comparison(out, job, config, **comparison_kwargs(setup, methods=["sft"], benchmarks=["kl", "fluency"],
+                                                         limits={"kl": 3, "fluency": 3}, train_judge=False,
+                                                         data_dir=bench))
+    trained = {r["prompt"][0]["content"] for r in map(json.loads, (out / "sft" / "split" / "train.jsonl").open())}
+    assert 0 < len(trained) < 10
+    kept = [p for p in general if p not in trained]
+    for evaluation in ("kl", "fluency"):
+        for point in ("base", "sft"):
+            stored = json.loads((out / "eval" / point / f"{evaluation}.json").read_text())
+            assert stored["key"]["trained_prompts_left_out"] == len(trained), (point, evaluation)
+            asked = [m[0]["content"] for m in stored["result"]["extra"]["prompts"]]
+            assert asked == subsample(kept, 3, 0) and not set(asked) & trained, (point, evaluation)
+    assert kept == load_general_prompts(bench, exclude=trained)
+    preferences = json.loads((out / "eval" / "base" / "preferences.json").read_text())
+    assert "trained_prompts_left_out" not in preferences["key"]  # it draws nothing from the general prompts
+    assert f"the {len(trained)} that are also training prompts were left out" in (out / "results.md").read_text()

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 __all__ = ["DATA_DIR", "MCItem", "load_mmlu", "mmlu_subjects", "load_arc", "load_gsm8k", "load_bbh",
            "load_bbh_cot_prompt", "bbh_tasks", "load_general_prompts"]
@@ -144,14 +144,18 @@ def load_bbh_cot_prompt(task: str, data_dir=None) -> str:
 
 
 # --------------------------------------------------------------------------- general prompts
-def load_general_prompts(data_dir=None) -> list[str]:
-    """General user prompts (single turn) for the KL and win-rate evaluations: the prompts of the
-    UltraFeedback subset (the answers are not shipped)."""
+def load_general_prompts(data_dir=None, exclude: Iterable[str] = ()) -> list[str]:
+    """General user prompts (single turn) for the KL, fluency and win-rate evaluations: the prompts
+    of the UltraFeedback subset (the answers are not shipped). ``exclude``: user turns to leave out
+    (compared with surrounding whitespace stripped), e.g. every prompt a policy trained on, so that a
+    retention measure never asks what the training answered (training on UltraFeedback itself)."""
     root = _root(data_dir)
     path = root / "ultrafeedback_prompts" / "prompts.jsonl"
     if path.is_file():
-        return [r["prompt"] for r in _jsonl(path)]
-    rows = _jsonl(root / "ultrafeedback_binarized_subset" / "train.jsonl")
-    return [r["chosen"][0]["content"] for r in rows]
+        prompts = [r["prompt"] for r in _jsonl(path)]
+    else:
+        prompts = [r["chosen"][0]["content"] for r in _jsonl(root / "ultrafeedback_binarized_subset" / "train.jsonl")]
+    excluded = {text.strip() for text in exclude}
+    return [p for p in prompts if p.strip() not in excluded] if excluded else prompts
 
 

@@ -53,7 +53,10 @@ class Context:
     judge: Callable[[], Any] | None = None  # () -> the judge, loaded on first use; None: no judge
     judge_key: dict[str, Any] | None = None  # what identifies the judge in a cache key
     results: dict[str, dict[str, dict]] = field(default_factory=dict)
+    #: every user turn of the training pairs: left out of the general prompts (see general_prompts)
+    trained_prompts: frozenset[str] = frozenset()
     _win_prompts: list | None = None
+    _general: tuple[list | None, int] | None = None
 
     def common(self, name: str) -> dict[str, Any]:
         return dict(limit=self.limits.get(name), seed=self.seed, progress=self.progress)
@@ -65,6 +68,17 @@ class Context:
     def base_extra(self, name: str) -> dict[str, Any]:
         """The base model's stored result's ``extra`` for evaluation ``name`` (its reference answers)."""
         return self.results["base"][name]["extra"]
+
+    def general_prompts(self) -> tuple[list | None, int]:
+        """(the general prompts none of the policies trained on, how many were left out); (None, 0)
+        when the training shared none with them (the evaluators then draw from all of them)."""
+        if self._general is None:
+            from ...evaluation.benchmarks import load_general_prompts
+
+            every = load_general_prompts(self.data_dir)
+            kept = load_general_prompts(self.data_dir, exclude=self.trained_prompts)
+            self._general = (kept, len(every) - len(kept)) if len(kept) < len(every) else (None, 0)
+        return self._general
 
     def win_prompts(self) -> list:
         """The held-out prompts the win rate answers: distinct, a seeded subsample."""
@@ -108,6 +122,8 @@ class Evaluation:
     answer_only: tuple[str, ...] = ()
     #: run only when ``--benchmarks`` names it (generation-heavy: minutes per policy on a CPU)
     opt_in: bool = False
+    #: it draws its items from the general prompts (its key says how many trained-on ones were left out)
+    general_prompts: bool = False
 
     def key(self, ctx: Context) -> dict[str, Any]:
         values = {"max_new_tokens": ctx.max_new_tokens, "bbh_tasks": ctx.bbh_tasks, "held_out": ctx.held_out_hash,
@@ -124,6 +140,8 @@ class Evaluation:
             k["judge"] = ctx.judge_key
         if strength is not None:
             k["strength"] = strength
+        if self.general_prompts and ctx.general_prompts()[1]:  # absent when none was left out: older keys hold
+            k["trained_prompts_left_out"] = ctx.general_prompts()[1]
         return k
 
     def stamp(self, policy: str, result: dict) -> dict:
@@ -232,8 +250,8 @@ def _kl(ctx, policy, base, name, reuse=None, strengths=None):
     from ...evaluation import kl_from_base
 
     if name == "base":
-        return kl_from_base(policy, base, max_new_tokens=ctx.max_new_tokens, data_dir=ctx.data_dir,
-                            batch_size=ctx.batch_size, **ctx.common("kl"))
+        return kl_from_base(policy, base, prompts=ctx.general_prompts()[0], max_new_tokens=ctx.max_new_tokens,
+                            data_dir=ctx.data_dir, batch_size=ctx.batch_size, **ctx.common("kl"))
     ref = ctx.base_extra("kl")
     if strengths is not None:
         return _kl_at(ctx, policy, strengths, ref["prompts"], ref["responses"])
@@ -356,8 +374,8 @@ def _ifeval(ctx, policy, base, name, reuse=None):
 def _fluency(ctx, policy, base, name, reuse=None):
     from ...evaluation.fluency import evaluate_fluency
 
-    return evaluate_fluency(policy, base, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size,
-                            data_dir=ctx.data_dir, **ctx.common("fluency"))
+    return evaluate_fluency(policy, base, prompts=ctx.general_prompts()[0], max_new_tokens=ctx.max_new_tokens,
+                            batch_size=ctx.batch_size, data_dir=ctx.data_dir, **ctx.common("fluency"))
 
 
 def _correct(sample: dict) -> float:
@@ -383,7 +401,7 @@ REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
                lambda s: float(s["exact_match"]), key_fields=("max_new_tokens", "bbh_tasks"), retention=True,
                default_limit=1),
     Evaluation("kl", (Column("kl", "kl", "kl", "KL(π‖π1)"),), _kl, lambda s: float(s["kl"]),
-               key_fields=("max_new_tokens",), strengths=True, default_limit=20,
+               key_fields=("max_new_tokens",), strengths=True, default_limit=20, general_prompts=True,
                base_answers=lambda result: result["extra"]["responses"]),
     Evaluation("preferences", (Column("pref_acc", "preferences", "likelihood_accuracy", "pref. accuracy"),
                                Column("margin_acc", "preferences", "margin_accuracy", "margin accuracy"),
@@ -406,7 +424,7 @@ REGISTRY: dict[str, Evaluation] = {e.name: e for e in (
                            Column("answer_length", "fluency", "length", "fluency: tokens"),
                            Column("base_nll", "fluency", "base_nll", "fluency: base NLL/token")),
                _fluency, lambda s: float(s["repeated_4grams"]), key_fields=("max_new_tokens",), default_limit=100,
-               opt_in=True),
+               opt_in=True, general_prompts=True),
 )}
 
 #: the retention benchmarks, by the name ``--benchmarks`` takes (``kl`` is the KL from the base model)

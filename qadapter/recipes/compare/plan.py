@@ -38,7 +38,8 @@ class Plan:
     def context(self, training: Training, progress: bool) -> Context:
         return Context(limits=self.limits, seed=self.eval_seed, batch_size=self.eval_batch_size,
                        max_new_tokens=self.max_new_tokens, bbh_tasks=self.bbh_tasks, data_dir=self.data_dir,
-                       held_out=training.held_out, held_out_hash=training.held_out_hash, progress=progress)
+                       held_out=training.held_out, held_out_hash=training.held_out_hash, progress=progress,
+                       trained_prompts=training.user_turns())
 
 
 @dataclass
@@ -52,3 +53,14 @@ class Training:
     held_out: list[dict]
     held_out_hash: str
     split_info: dict[str, Any]
+
+    def user_turns(self) -> frozenset[str]:
+        """Every user turn of the training pairs (their prompt: a message list, or a plain string)."""
+        turns = set()
+        for row in self.train_pairs:
+            prompt = row["prompt"] if "prompt" in row else row["chosen"][:-1]
+            if isinstance(prompt, str):
+                turns.add(prompt)
+            else:
+                turns.update(m["content"] for m in prompt if m.get("role") == "user")
+        return frozenset(turns)

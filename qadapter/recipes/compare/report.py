@@ -165,6 +165,10 @@ def results_markdown(comparison: Comparison, columns, trade: dict, judged: bool,
                   f"used for training), {split.get('n_eval_pairs')} held-out pairs ({split.get('n_eval_prompts')} "
                   f"prompts). Every method trained on exactly this split (identical split files, checked); every "
                   f"held-out number below is on its held-out pairs.")
+    if info.get("general_prompts_left_out"):
+        md.append(f"- **General prompts** (KL, fluency): the {info['general_prompts_left_out']} that are also "
+                  "training prompts were left out before drawing, so no retention measure asks what a method "
+                  "trained on.")
     md.append(f"- **Seeds**: training and split seed {info.get('train_seed')}; evaluation seed {seed} "
               "(benchmark subsamples and bootstrap intervals).")
     if info.get("lora"):

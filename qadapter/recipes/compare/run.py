@@ -357,7 +357,8 @@ def report(plan: Plan, training: Training, ctx: Context, judge_info: dict | None
             "train_commands": training.train_commands, "training_settings": plan.fingerprint,
             "reports": training.reports, "judge": judge_info, "limits": plan.limits, "bbh_tasks": plan.bbh_tasks,
             "max_new_tokens": plan.max_new_tokens, "specs": [sp.name for sp in plan.specs],
-            "strengths": plan.strengths, "points": [point_record(pt) for pt in plan.points]}
+            "strengths": plan.strengths, "points": [point_record(pt) for pt in plan.points],
+            "general_prompts_left_out": ctx.general_prompts()[1]}
     comparison = Comparison(plan.out, [pt.name for pt in plan.points[1:]], plan.benchmarks, ctx.results, info,
                             training.trained, computed)
     comparison.paths = write_results(comparison)
