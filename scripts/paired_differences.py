@@ -46,7 +46,7 @@ POOLED = ("inst_level_strict_acc", "inst_level_loose_acc")
 #: in the evaluated subsample, so two results pair only when they drew the same subsample:
 ITEM_ID = {"ifeval": "key"}
 #: the cache-key fields that decide which items an evaluation drew
-SUBSAMPLE = ("limit", "seed", "data_dir", "held_out")
+SUBSAMPLE = ("limit", "seed", "data_dir", "held_out", "trained_prompts_left_out")
 
 
 def samples(folder: Path, policy: str, evaluation: str) -> tuple[dict, dict] | None:

@@ -85,3 +85,16 @@ def test_results_that_drew_other_items_are_not_paired_by_their_index(tmp_path):
     assert len(arc) == 1 and arc[0].endswith("arc_easy: not paired: they drew different items (limit: 30 vs 50)")
     ifeval = next(line for line in out if "ifeval.prompt_level_strict_acc" in line)
     assert "-1.0000 [-1.0000, -1.0000] (n=10) *" in ifeval  # keys 1000, 1007, ..., 1063: all ten answered by b
+
+
+def test_general_prompt_draws_that_left_out_training_prompts_are_not_paired_with_others(tmp_path):
+    # a comparison trained on UltraFeedback drew its fluency prompts after leaving its 130 training
+    # prompts out: index 0 is another prompt than in a DSP comparison's draw of the same limit and seed
+    a, b = tmp_path / "a", tmp_path / "b"
+    rows = [{"index": i, "repeated_4grams": 0.1} for i in range(10)]
+    cache(a, "sft", "fluency", rows, limit=10, seed=0, trained_prompts_left_out=130)
+    cache(b, "base", "fluency", rows, limit=10, seed=0)
+    out = run_script("paired_differences.py", f"{a}:sft", f"{b}:base", cwd=tmp_path).splitlines()
+    fluency = [line for line in out if "fluency" in line]
+    assert len(fluency) == 1 and fluency[0].endswith(
+        "fluency: not paired: they drew different items (trained_prompts_left_out: 130 vs None)")
