@@ -670,3 +670,16 @@ def test_general_prompts_a_method_trained_on_are_left_out_of_kl_and_fluency(setu
     preferences = json.loads((out / "eval" / "base" / "preferences.json").read_text())
     assert "trained_prompts_left_out" not in preferences["key"]  # it draws nothing from the general prompts
     assert f"the {len(trained)} that are also training prompts were left out" in (out / "results.md").read_text()
+
+
+def test_a_benchmark_folder_without_general_prompts_serves_evaluations_that_need_none(setup, tmp_path):
+    # only KL and fluency read the general prompts: ARC alone runs from a folder that lacks them
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(setup / "bench", bench)
+    shutil.rmtree(bench / "ultrafeedback_prompts")
+    job, config = job_and_config(setup)
+    done = run_comparison(tmp_path / "out", job, config, **comparison_kwargs(
+        setup, methods=["sft"], benchmarks=["arc_easy"], train_judge=False, data_dir=bench))
+    assert sorted(done.computed) == [(p, e) for p in ("base", "sft") for e in ("arc_easy", "preferences")]

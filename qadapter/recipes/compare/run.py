@@ -358,7 +358,8 @@ def report(plan: Plan, training: Training, ctx: Context, judge_info: dict | None
             "reports": training.reports, "judge": judge_info, "limits": plan.limits, "bbh_tasks": plan.bbh_tasks,
             "max_new_tokens": plan.max_new_tokens, "specs": [sp.name for sp in plan.specs],
             "strengths": plan.strengths, "points": [point_record(pt) for pt in plan.points],
-            "general_prompts_left_out": ctx.general_prompts()[1]}
+            "general_prompts_left_out": (ctx.general_prompts()[1] if any(e.general_prompts for e in plan.evaluations)
+                                         else 0)}  # a --eval-data-dir without general prompts is fine otherwise
     comparison = Comparison(plan.out, [pt.name for pt in plan.points[1:]], plan.benchmarks, ctx.results, info,
                             training.trained, computed)
     comparison.paths = write_results(comparison)
