@@ -36,3 +36,19 @@ def test_sft_kl_at_the_papers_budget_loses_ifeval_on_all_541_prompts(tmp_path):
     both = run_script("paired_differences.py", f"{RECORDS / 'dsp_paper_budget'}:base", f"{folder}:base",
                       cwd=tmp_path).splitlines()
     assert any("ifeval.prompt_level_strict_acc: +0.0000 [+0.0000, +0.0000] (n=60)" in line for line in both)
+
+
+def test_matched_dpo_loses_arc_on_ultrafeedback_and_the_qadapter_does_not_even_at_its_drift(tmp_path):
+    # the verdict of docs/results.md's seventh-session section, recomputed from the kept records
+    folder = RECORDS / "uf_paper_budget"
+
+    def line(a, b, field):
+        out = run_script("paired_differences.py", f"{folder}:{a}", f"{folder}:{b}", cwd=tmp_path).splitlines()
+        return next(x for x in out if f" {field}:" in x)
+
+    dpo = "qadapter_alpha_tilde=1_beta=0"
+    assert "-0.0600 [-0.1033, -0.0200] (n=300) *" in line(dpo, "base", "arc_easy.correct")
+    assert "+0.0000 [-0.0267, +0.0267] (n=300)" in line("qadapter", "base", "arc_easy.correct")
+    assert "+0.0700 [+0.0300, +0.1133] (n=300) *" in line("qadapter@2", dpo, "arc_easy.correct")
+    kl = line("qadapter@2", dpo, "kl.kl")  # strength 2 drifts as far as DPO: not resolved apart
+    assert "+0.0788 [-0.3255, +0.3282] (n=20)" in kl and not kl.endswith("*")
