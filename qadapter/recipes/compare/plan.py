@@ -56,11 +56,8 @@ class Training:
 
     def user_turns(self) -> frozenset[str]:
         """Every user turn of the training pairs (their prompt: a message list, or a plain string)."""
-        turns = set()
-        for row in self.train_pairs:
-            prompt = row["prompt"] if "prompt" in row else row["chosen"][:-1]
-            if isinstance(prompt, str):
-                turns.add(prompt)
-            else:
-                turns.update(m["content"] for m in prompt if m.get("role") == "user")
-        return frozenset(turns)
+        from ...chat import as_messages
+
+        return frozenset(m["content"] for row in self.train_pairs
+                         for m in as_messages(row["prompt"] if "prompt" in row else row["chosen"][:-1])
+                         if m.get("role") == "user")
