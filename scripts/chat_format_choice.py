@@ -23,9 +23,8 @@ def measure(model, tokenizer, pairs, n_pairs: int, new_tokens: int) -> None:
     from qadapter.generation import generate
     from qadapter.scoring import score
 
-    ids, report = tokenize_pairs(pairs, tokenizer, max_length=128)
-    keep = [i for i, n in enumerate(ids["untruncated_length"]) if n <= 128][:n_pairs]
-    rows = ids.select(keep)
+    ids, report = tokenize_pairs(pairs, tokenizer, max_length=128, drop_longer_than=128)
+    rows = ids.select(range(min(n_pairs, len(ids))))
     m = len(rows)
     requests = ([(p, c) for p, c in zip(rows["prompt_input_ids"], rows["chosen_input_ids"])]
                 + [(p, r) for p, r in zip(rows["prompt_input_ids"], rows["rejected_input_ids"])])

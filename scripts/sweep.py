@@ -55,11 +55,9 @@ def load_split(data: str, tokenizer, max_length: int, eval_pairs: int, seed: int
     from qadapter.data import load_embedded_pairs, load_preference_pairs, split_by_prompt, tokenize_pairs
 
     pairs, _ = load_embedded_pairs() if data == "hh" else load_preference_pairs(data, skip_invalid=True)
-    # only the lengths matter here (pairs longer than max_length are dropped, never cut), so no
-    # refusal when most pairs are longer (DSP at 128 tokens keeps ~40%)
-    ids, _ = tokenize_pairs(pairs, tokenizer, max_length=max_length, max_prompt_cut_share=None)
-    keep = [i for i, n in enumerate(ids["untruncated_length"]) if n <= max_length]
-    pairs = pairs.select(keep)
+    # pairs longer than max_length are dropped, never cut (DSP at 128 tokens keeps ~40%)
+    _, report = tokenize_pairs(pairs, tokenizer, max_length=max_length, drop_longer_than=max_length)
+    pairs = pairs.select(report.kept)
     train, held_out, info = split_by_prompt(pairs, eval_size=eval_pairs, seed=seed)
     return train, held_out, info
 

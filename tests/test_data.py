@@ -17,6 +17,7 @@ from qadapter.data import (
     tokenize_pair,
     tokenize_pairs,
 )
+from qadapter.errors import ConfigError
 
 SHARED_HH = Path(__file__).resolve().parents[2] / "shared/data/hh_rlhf_harmless_base"
 
@@ -338,6 +339,28 @@ def test_tokenize_pairs_reports_counts(tok):
         assert len(p) + len(c) <= 48
     assert "2 prompts cut from the left" in report.summary()
 
+
+
+def test_tokenize_pairs_drops_longer_pairs_before_counting_and_before_the_prompt_room_check(tok):
+    """drop_longer_than N leaves out (and counts) every pair longer than N tokens, untruncated: the
+    kept pairs come back in order with their input indices, the truncation counts cover them only,
+    and the refusal of a max_length that cuts prompts away looks at them only (two of three pairs
+    have a 60-character response, which alone fills max_length 48)."""
+    rows = [conv_row("short", chosen="y" * 60), conv_row(), conv_row("hey", rejected="z" * 60)]
+    pairs = load_preference_pairs(rows)[0]
+    with pytest.raises(ConfigError, match="leaves no room for the prompt of 2 of 3 pairs"):
+        tokenize_pairs(pairs, tok, max_length=48)
+    # dropping at 64 (> max_length) keeps nothing that would be cut: no refusal, nothing truncated
+    out, report = tokenize_pairs(pairs, tok, max_length=48, drop_longer_than=64)
+    assert report.kept == [1] and out["row"] == [1] and len(out) == 1
+    assert (report.n_pairs, report.n_dropped, report.n_no_room_for_prompt, report.n_response_truncated) == (1, 2, 0, 0)
+    assert "2 pairs longer than 64 tokens dropped" in report.summary()
+    assert report.longest_pair == out["untruncated_length"][0] <= 64
+    # dropping above every pair keeps them all, in order, counted as before
+    out, report = tokenize_pairs(pairs, tok, max_length=48, drop_longer_than=10_000, max_prompt_cut_share=None)
+    assert report.kept == [0, 1, 2] and report.n_dropped == 0 and report.n_response_truncated == 2
+    with pytest.raises(ConfigError, match="drop_longer_than"):
+        tokenize_pairs(pairs, tok, max_length=48, drop_longer_than=True)
 
 def test_template_that_rewrites_the_prompt_is_counted_and_warned():
     tok = make_tokenizer(REWRITING)

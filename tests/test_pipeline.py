@@ -381,10 +381,10 @@ def test_bf16_on_a_cpu_without_bf16_units_is_warned_about(tiny_model_dir, tmp_pa
 
 
 def test_pairs_dropped_for_length_are_not_refused_for_the_prompts_they_would_lose(tiny_model_dir, tmp_path):
-    """--drop_longer_than N with N <= --max_length drops every pair that truncation would cut, so the
-    refusal of a max_length that cuts most prompts away does not apply: the long pairs are dropped and
-    counted instead (UltraFeedback at 256 tokens: 563 of 994 pairs too long). Without dropping, the
-    same file and max_length are still refused."""
+    """--drop_longer_than N drops (and counts) the long pairs before the refusal of a max_length that
+    cuts most prompts away is checked, so that refusal looks at the kept pairs only (UltraFeedback at
+    256 tokens: 563 of 994 pairs too long), whether N is below max_length or above it. Without
+    dropping, the same file and max_length are still refused."""
     from qadapter.errors import ConfigError
     from qadapter.recipes.train import prepare_data
 
@@ -396,6 +396,14 @@ def test_pairs_dropped_for_length_are_not_refused_for_the_prompts_they_would_los
     config.max_length = 30
     data = prepare_data(job, config, log=lambda *_: None)
     assert data.n_dropped == 15
+    # dropping at more than max_length: the check looks at the kept pairs, which all fit
+    job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "long.jsonl"), drop_longer_than=38)
+    config.max_length = 30
+    lines = []
+    data = prepare_data(job, config, log=lines.append)
+    assert data.n_dropped == 15 and len(data.train) + len(data.held_out) == 5
+    assert any("0 pairs with a response cut" in line and "15 pairs longer than 38 tokens dropped" in line
+               for line in lines), lines
 
     job, config = small_job(tmp_path, tiny_model_dir, str(tmp_path / "long.jsonl"), drop_longer_than=None)
     config.max_length = 30

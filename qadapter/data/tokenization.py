@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 
@@ -36,9 +36,10 @@ _NO_EOS_WARNING = (
 
 @dataclass
 class TokenizeReport:
-    """Counts from :func:`tokenize_pairs` (nothing is dropped: every pair is kept)."""
+    """Counts from :func:`tokenize_pairs`, over the pairs it kept (every pair, unless
+    ``drop_longer_than`` dropped the longer ones: those are counted in ``n_dropped`` only)."""
 
-    n_pairs: int = 0
+    n_pairs: int = 0  # pairs kept
     n_prompt_truncated: int = 0
     n_response_truncated: int = 0  # pairs where chosen or rejected was cut
     n_prompt_not_prefix: int = 0
@@ -46,7 +47,10 @@ class TokenizeReport:
     n_no_room_for_prompt: int = 0  # pairs whose longer response alone fills max_length
     max_length: int = 512
     max_prompt_length: int | None = None
-    longest_pair: int = 0  # prompt + longer response, untruncated, of the longest pair
+    longest_pair: int = 0  # prompt + longer response, untruncated, of the longest pair kept
+    drop_longer_than: int | None = None
+    n_dropped: int = 0  # pairs longer than drop_longer_than, left out of the dataset and the counts above
+    kept: list[int] = field(default_factory=list, repr=False)  # input index of each pair kept, in order
 
     def summary(self) -> str:
         text = (f"tokenized {self.n_pairs} pairs (max_length={self.max_length}, "
@@ -59,6 +63,9 @@ class TokenizeReport:
             text += f", {self.n_response_no_eos} pairs without an end-of-turn token"
         if self.n_no_room_for_prompt:
             text += f", {self.n_no_room_for_prompt} pairs whose response leaves no room for the prompt"
+        if self.drop_longer_than is not None:
+            text += (f"; {self.n_dropped} pairs longer than {self.drop_longer_than} tokens dropped "
+                     f"before these counts")
         return text
 
 
@@ -191,19 +198,29 @@ def check_prompt_room(report: TokenizeReport, needed: list[int], max_share: floa
 
 def tokenize_pairs(dataset: Dataset, tokenizer, *, max_length: int = 512,
                    max_prompt_length: int | None = None,
-                   max_prompt_cut_share: float | None = MAX_PROMPT_CUT_SHARE) -> tuple[Dataset, TokenizeReport]:
+                   max_prompt_cut_share: float | None = MAX_PROMPT_CUT_SHARE,
+                   drop_longer_than: int | None = None) -> tuple[Dataset, TokenizeReport]:
     """Tokenize every normalized pair (see :func:`tokenize_pair` for ids and truncation).
+
+    With ``drop_longer_than`` N, a pair whose prompt + longer response has more than N tokens
+    (untruncated) is dropped: left out of the returned dataset and counted in ``n_dropped``, never
+    cut. Every other count, and the prompt-room check below, covers the kept pairs only.
 
     Returns a dataset with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``,
     ``untruncated_length`` and ``row`` (and ``source`` when present), in the input's order, and a
-    :class:`TokenizeReport` counting truncations and template mismatches.
+    :class:`TokenizeReport` counting truncations and template mismatches (``report.kept``: the
+    input index of each returned pair).
 
     Raises :class:`~qadapter.errors.ConfigError` when ``max_length`` leaves no room for the prompt
-    of more than ``max_prompt_cut_share`` of the pairs (None: never), and
+    of more than ``max_prompt_cut_share`` of the kept pairs (None: never), and
     :class:`~qadapter.data.PreferenceDataError` naming the row of a pair that cannot be tokenized.
     """
     check_lengths(max_length, max_prompt_length)
-    report = TokenizeReport(max_length=max_length, max_prompt_length=max_prompt_length)
+    if drop_longer_than is not None and (isinstance(drop_longer_than, bool) or not isinstance(drop_longer_than, int)
+                                         or drop_longer_than < 2):
+        raise ConfigError(f"{option('drop_longer_than')} must be an integer ≥ 2 (tokens), got {drop_longer_than!r}")
+    report = TokenizeReport(max_length=max_length, max_prompt_length=max_prompt_length,
+                            drop_longer_than=drop_longer_than)
     needed = []
     keep = [k for k in ("row", "source") if k in dataset.column_names]
     columns: dict[str, list] = {k: [] for k in
@@ -223,6 +240,10 @@ def tokenize_pairs(dataset: Dataset, tokenizer, *, max_length: int = 512,
                 row = example.get("row", i)
                 raise PreferenceDataError(f"{where}, row {row}: cannot tokenize the pair ({e})",
                                           reason="cannot tokenize", source=where, row=row) from None
+            if drop_longer_than is not None and out["untruncated_length"] > drop_longer_than:
+                report.n_dropped += 1
+                continue
+            report.kept.append(i)
             for k in columns:
                 columns[k].append(out[k] if k in out else example[k])
             report.n_pairs += 1

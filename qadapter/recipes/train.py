@@ -144,7 +144,6 @@ def prepare_data(job: JobArguments, config, log=print) -> PreparedData:
     tokenize them once, drop the over-long ones, split by prompt; save the split when asked."""
     from ..data import (flip_labels, load_embedded_pairs, load_preference_pairs, select_pairs, split_by_prompt,
                         tokenize_pairs)
-    from ..data.tokenization import MAX_PROMPT_CUT_SHARE
 
     if job.data is None:
         pairs, load_report = load_embedded_pairs()
@@ -157,24 +156,20 @@ def prepare_data(job: JobArguments, config, log=print) -> PreparedData:
     model_path = resolve_model_path(job.model)
     tokenizer = load_tokenizer(model_path, pad_with_eos=True)
 
-    # Tokenize once, before the split, so that length filtering cannot unbalance train and eval.
-    # When every pair longer than max_length is dropped below, none is cut: the check that too many
-    # pairs would lose their prompt to truncation does not apply (it would refuse, e.g., UltraFeedback
-    # at 256 tokens, where most pairs are longer and get dropped and counted instead).
-    drops_every_cut = bool(job.drop_longer_than) and job.drop_longer_than <= config.max_length
+    # Tokenize once, before the split, so that length filtering cannot unbalance train and eval. A pair
+    # longer than --drop_longer_than is dropped whole (and counted), never cut; the check that too many
+    # pairs would lose their prompt to truncation looks at the kept pairs only (UltraFeedback at 256
+    # tokens: most pairs are longer, and are dropped rather than refused).
     ids, tok_report = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
                                      max_prompt_length=config.max_prompt_length,
-                                     max_prompt_cut_share=None if drops_every_cut else MAX_PROMPT_CUT_SHARE)
+                                     drop_longer_than=job.drop_longer_than or None)
     log(f"tokens: {tok_report.summary()}")
+    n_read, n_dropped = len(pairs), tok_report.n_dropped
+    pairs = pairs.select(tok_report.kept)
     for column in ids.column_names:
         if column not in pairs.column_names:
             pairs = pairs.add_column(column, ids[column])
-    n_read, n_dropped = len(pairs), 0
     if job.drop_longer_than:
-        # A pair is kept whole or dropped (and counted), never silently cut.
-        keep = [i for i, n in enumerate(pairs["untruncated_length"]) if n <= job.drop_longer_than]
-        n_dropped = len(pairs) - len(keep)
-        pairs = pairs.select(keep)
         log(f"kept the {len(pairs)} pairs of at most {job.drop_longer_than} tokens; dropped {n_dropped} longer ones")
     if job.data is not None:
         notice = length_notice(job, config, n_read, n_dropped, tok_report.n_response_truncated)
@@ -202,11 +197,13 @@ def length_notice(job: JobArguments, config, n_read: int, n_dropped: int, n_cut:
     many, and the flags that keep more (the presets' budgets suit their embedded data, not every file)."""
     if n_dropped:
         kept = n_read - n_dropped
-        return (f"note: the '{job.preset}' preset trains on pairs of at most {job.drop_longer_than} tokens: "
+        return (f"note: --drop_longer_than {job.drop_longer_than} (from the '{job.preset}' preset unless given) "
+                f"trains on pairs of at most {job.drop_longer_than} tokens: "
                 f"{kept} of {n_read} pairs of {job.data} kept ({100 * kept / max(n_read, 1):.0f}%); "
                 f"--drop_longer_than N --max_length N (or --preset paper: 512, nothing dropped) keeps more")
     if n_cut:
-        return (f"note: the '{job.preset}' preset cuts responses to fit {config.max_length} tokens: {n_cut} of "
+        return (f"note: --max_length {config.max_length} (from the '{job.preset}' preset unless given) cuts "
+                f"responses to fit {config.max_length} tokens: {n_cut} of "
                 f"{n_read} pairs of {job.data} cut; --max_length N keeps more of each")
     return None
 
